@@ -1,0 +1,60 @@
+"""Every private Keras / TensorFlow hook keras_trainop relies on, and nothing else.
+
+Each function is small and says why the public API is not enough.
+`tests/test_keras_private.py` fails loudly when a Keras or TF release moves one
+of these, so that a silent change of behaviour cannot slip through.
+"""
+
+import tensorflow as tf
+
+
+def loss_tracker(model):
+    """The `Mean` metric that Keras's own `train_step` feeds with the loss.
+
+    Keras 3 reports `logs["loss"]` from this tracker; there is no public handle
+    on it. Feeding it keeps the logs identical to plain Keras.
+    """
+    return model._loss_tracker
+
+
+def call_has_training_arg(model):
+    """Whether `model.call` accepts `training=` (Keras inspects it once)."""
+    return model._call_has_training_arg
+
+
+def compute_loss(model, x, y, y_pred, sample_weight):
+    """`model.compute_loss(..., training=True)`, also for overrides without `training`.
+
+    Keras's `_compute_loss` is the wrapper its own `train_step` uses so that a
+    user override of `compute_loss` written before Keras 3.3 keeps working.
+    """
+    return model._compute_loss(
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+    )
+
+
+def function_watched_variables():
+    """The variables read so far in the `tf.function` being traced.
+
+    `create_train_op(variables_to_train=None)` must find "the trainable
+    variables the loss reads" without TF1's global collection. A FuncGraph
+    records them (it is what `tf.function` uses for its own bookkeeping) but
+    only in a private attribute. Returns None outside a FuncGraph.
+    """
+    graph = tf.compat.v1.get_default_graph()
+    watched = getattr(graph, "_watched_variables", None)
+    return None if watched is None else list(watched)
+
+
+def in_xla_context():
+    """Whether the code being traced will be compiled by XLA.
+
+    Under XLA, `tf.debugging.Assert` / `check_numerics` are dropped and
+    `tf.summary` cannot compile, so the step must know. `tf.function` exposes
+    no public flag for it; TF's own control-flow code uses this check.
+    """
+    from tensorflow.python.ops import control_flow_util
+
+    if tf.executing_eagerly():
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())

@@ -1,0 +1,292 @@
+"""The functional API for custom training loops, and TF1's gradient helpers.
+
+- `create_train_step`: TF-Agents' function; returns a callable running one step.
+- `create_train_op`: TF1's graph-mode function, for use inside a `tf.function`.
+- `clip_gradient_norms`, `clip_gradient_norms_fn`, `multiply_gradients`,
+  `add_gradients_summaries`: TF1's helpers, with TF1's semantics.
+
+All of them run the same `StepPipeline` as `TrainOpModel`.
+"""
+
+import tensorflow as tf
+
+from keras_trainop import _keras_private as private
+from keras_trainop.gradients import tf_gradients
+from keras_trainop.options import (
+    GATE_OP,
+    USE_GLOBAL_STEP,
+    TrainOptions,
+    validate_callable,
+)
+from keras_trainop.pipeline import StepPipeline
+from keras_trainop.summaries import add_gradients_summaries  # noqa: F401 (public)
+from keras_trainop.summaries import variable_name
+
+
+def _total_loss(values, total_loss_fn):
+    if total_loss_fn is not None:
+        return total_loss_fn(values)
+    leaves = tf.nest.flatten(values)
+    # A nested loss with no total_loss_fn: minimise the sum, which is what
+    # differentiating the whole structure means.
+    return leaves[0] if len(leaves) == 1 else tf.add_n(leaves)
+
+
+def create_train_step(
+    loss,
+    optimizer,
+    global_step=USE_GLOBAL_STEP,
+    total_loss_fn=None,
+    update_ops=None,
+    variables_to_train=None,
+    transform_grads_fn=None,
+    summarize_gradients=False,
+    gate_gradients=GATE_OP,
+    aggregation_method=None,
+    check_numerics=True,
+):
+    """Creates a function that runs one training step, as TF-Agents' did.
+
+    ```python
+    step = kt.create_train_step(lambda x, y: loss_fn(model(x), y), optimizer)
+    for x, y in dataset:
+        loss_value = step(x, y)     # eagerly, or inside a tf.function
+    ```
+
+    Args:
+        loss: a callable; `step(*args)` calls `loss(*args)`, which returns a
+            loss tensor or a nested structure of loss tensors.
+        optimizer: a Keras optimizer.
+        global_step: `kt.USE_GLOBAL_STEP` (the optimizer's `iterations`),
+            None, or a scalar variable incremented by 1 per applied update.
+        total_loss_fn: maps the nested loss to the scalar to minimise. None:
+            the loss itself, or the sum of its leaves.
+        update_ops, variables_to_train, transform_grads_fn,
+        summarize_gradients, gate_gradients, aggregation_method,
+        check_numerics: as in `TrainOpModel.compile()`. `variables_to_train=None`
+            trains the trainable variables that the loss reads.
+
+    Returns:
+        A callable `step(*args, **kwargs)` that runs one step and returns the
+        nested loss values computed before the update. It also has
+        `step.raise_if_failed()`: inside your own `jit_compile=True` function,
+        where nothing can raise, a non-finite step is still blocked (and every
+        later one, until this is called), and this raises its
+        `kt.NonFiniteError`.
+
+    Raises:
+        ValueError: if `loss` or `total_loss_fn` is not callable, or an option
+            is invalid.
+    """
+    if not callable(loss):
+        raise ValueError(
+            "`loss` must be a callable returning a loss or a nested structure "
+            "of losses (TF2 has no graph to keep a loss tensor in between steps). "
+            f"Received: loss={loss!r}"
+        )
+    validate_callable("total_loss_fn", total_loss_fn)
+    options = TrainOptions(
+        transform_grads_fn=transform_grads_fn,
+        aggregation_method=aggregation_method,
+        gate_gradients=gate_gradients,
+        check_numerics=check_numerics,
+        update_ops=update_ops,
+        variables_to_train=variables_to_train,
+        summarize_gradients=summarize_gradients,
+        global_step=global_step,
+    )
+    pipeline = StepPipeline(options, optimizer)
+
+    def step(*args, **kwargs):
+        def forward():
+            values = loss(*args, **kwargs)
+            return _total_loss(values, total_loss_fn), values
+
+        if not tf.executing_eagerly() or pipeline.guard is None:
+            return pipeline.run(forward)
+        try:
+            return pipeline.run(forward)
+        except tf.errors.InvalidArgumentError as e:
+            translated = pipeline.guard.translate(e)
+            if translated is e:
+                raise
+            raise translated from e
+
+    step.pipeline = pipeline
+    step.raise_if_failed = (
+        pipeline.guard.raise_if_failed if pipeline.guard is not None else lambda: None
+    )
+    return step
+
+
+def create_train_op(
+    total_loss,
+    optimizer,
+    global_step=USE_GLOBAL_STEP,
+    update_ops=None,
+    variables_to_train=None,
+    transform_grads_fn=None,
+    summarize_gradients=False,
+    gate_gradients=GATE_OP,
+    aggregation_method=None,
+    colocate_gradients_with_ops=False,
+    check_numerics=True,
+):
+    """TF1's `create_train_op`, for use inside a `tf.function`.
+
+    Computes the gradients of `total_loss` with `tf.gradients`, applies them
+    and returns the loss tensor (its value from before the update).
+
+    ```python
+    @tf.function
+    def train(x, y):
+        loss = loss_fn(model(x), y)
+        return kt.create_train_op(loss, optimizer)
+    ```
+
+    Args:
+        total_loss: a scalar loss tensor computed in the same `tf.function`.
+        optimizer: a Keras optimizer.
+        variables_to_train: None trains the trainable variables the loss reads
+            in this function (TF2 has no global collection); otherwise as in
+            `TrainOpModel.compile()`.
+        Other arguments: as in `TrainOpModel.compile()`.
+
+    Returns:
+        `total_loss`, ordered after the update.
+
+    Raises:
+        ValueError: if called eagerly (use `create_train_step`), or for an
+            invalid option.
+    """
+    if tf.executing_eagerly():
+        raise ValueError(
+            "`create_train_op` must be called inside a `tf.function`: it builds "
+            "the update from a loss tensor, and an eager loss tensor has no graph "
+            "to differentiate. To train eagerly, use "
+            "`kt.create_train_step(loss_fn, optimizer, ...)`, which takes a loss "
+            f"function instead. Received: total_loss={total_loss!r}"
+        )
+    options = TrainOptions(
+        transform_grads_fn=transform_grads_fn,
+        aggregation_method=aggregation_method,
+        gate_gradients=gate_gradients,
+        colocate_gradients_with_ops=colocate_gradients_with_ops,
+        check_numerics=check_numerics,
+        update_ops=update_ops,
+        variables_to_train=variables_to_train,
+        summarize_gradients=summarize_gradients,
+        global_step=global_step,
+    )
+    pipeline = StepPipeline(options, optimizer)
+    watched = private.function_watched_variables() or []
+    read = [v for v in watched if v.trainable]
+    if options.variables_to_train is None:
+        # Keep only what the loss reads: the variables it has a gradient for.
+        probe = tf.gradients(total_loss, read) if read else []
+        read = [v for v, g in zip(read, probe) if g is not None]
+    variables = pipeline.variables(read, owner="what the loss reads in this function")
+    grads = tf_gradients(total_loss, variables, options)
+    pipeline.update(total_loss, list(zip(grads, variables)))
+    with tf.control_dependencies([tf.convert_to_tensor(optimizer.iterations)]):
+        return tf.identity(total_loss)
+
+
+# -- TF1 helpers ------------------------------------------------------------
+
+
+def clip_gradient_norms(gradients_to_variables, max_norm):
+    """Clips each gradient to L2 norm at most `max_norm`, one tensor at a time.
+
+    TF1 semantics: per tensor, not global. None gradients pass through;
+    IndexedSlices keep their indices and are clipped on their `.values`.
+
+    Args:
+        gradients_to_variables: a list of `(gradient, variable)` pairs.
+        max_norm: the largest norm allowed for each gradient.
+
+    Returns:
+        A new list of `(clipped_gradient, variable)` pairs.
+    """
+    clipped = []
+    for grad, var in gradients_to_variables:
+        if grad is not None:
+            if isinstance(grad, tf.IndexedSlices):
+                grad = tf.IndexedSlices(
+                    tf.clip_by_norm(grad.values, max_norm), grad.indices, grad.dense_shape
+                )
+            else:
+                grad = tf.clip_by_norm(grad, max_norm)
+        clipped.append((grad, var))
+    return clipped
+
+
+def clip_gradient_norms_fn(max_norm):
+    """Returns a `transform_grads_fn` that calls `clip_gradient_norms`."""
+
+    def clip_norms(gradients_to_variables):
+        return clip_gradient_norms(gradients_to_variables, max_norm)
+
+    return clip_norms
+
+
+def _multiplier_for(var, gradient_multipliers):
+    ref = var.ref() if hasattr(var, "ref") else None
+    for key in (ref, getattr(var, "path", None), variable_name(var)):
+        if key is not None and key in gradient_multipliers:
+            return key
+    return None
+
+
+def multiply_gradients(grads_and_vars, gradient_multipliers):
+    """Multiplies chosen gradients by constants or tensors, as TF1's slim did.
+
+    Keras 3 and TF2 variables are unhashable, so TF1's dict keyed by variable
+    cannot be built: key the dict by `variable.ref()`, by `variable.path`, or
+    (for a plain `tf.Variable`) by its name without `:0`.
+
+    Args:
+        grads_and_vars: a list of `(gradient, variable)` pairs.
+        gradient_multipliers: a non-empty dict from those keys to a float or
+            a scalar tensor / variable (cast to the gradient's dtype).
+
+    Returns:
+        A new list of pairs; variables with no multiplier pass through.
+
+    Raises:
+        ValueError: if `grads_and_vars` is not a list, `gradient_multipliers`
+            is empty or not a dict, or a multiplier is given for a None
+            gradient.
+    """
+    if not isinstance(grads_and_vars, list):
+        raise ValueError(
+            f"`grads_and_vars` must be a list. Received: grads_and_vars={grads_and_vars!r}"
+        )
+    if not gradient_multipliers:
+        raise ValueError(
+            "`gradient_multipliers` is empty. "
+            f"Received: gradient_multipliers={gradient_multipliers!r}"
+        )
+    if not isinstance(gradient_multipliers, dict):
+        raise ValueError(
+            "`gradient_multipliers` must be a dict. "
+            f"Received: gradient_multipliers={gradient_multipliers!r}"
+        )
+    multiplied = []
+    for grad, var in grads_and_vars:
+        key = _multiplier_for(var, gradient_multipliers)
+        if key is not None:
+            if grad is None:
+                raise ValueError(
+                    "Requested multiple of `None` gradient for variable "
+                    f"{variable_name(var)!r}."
+                )
+            multiplier = tf.cast(gradient_multipliers[key], grad.dtype)
+            if isinstance(grad, tf.IndexedSlices):
+                grad = tf.IndexedSlices(
+                    grad.values * multiplier, grad.indices, grad.dense_shape
+                )
+            else:
+                grad = grad * multiplier
+        multiplied.append((grad, var))
+    return multiplied

@@ -1,0 +1,211 @@
+"""`TrainOpModel`: TF1's `create_train_op` options in `compile()`, for `model.fit`.
+
+The mixin is thin: `compile()` validates the options into a `StepPipeline`,
+`train_step` hands the forward pass to it, and the compile config carries the
+options through `model.save` / `keras.saving.load_model`.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_trainop import _keras_private as private
+from keras_trainop import serialization
+from keras_trainop.options import GATE_OP, USE_GLOBAL_STEP, TrainOptions
+from keras_trainop.pipeline import StepPipeline
+
+
+def _batch_size(x):
+    first = next(t for t in tf.nest.flatten(x) if t is not None)
+    return tf.shape(first)[0]
+
+
+def _unscale_for_distribution(loss):
+    # Keras divides each replica's loss by the number of replicas; its loss
+    # metric reports the loss multiplied back (as Keras's own train_step does).
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return loss * tf.cast(replicas, loss.dtype) if replicas > 1 else loss
+
+
+class TrainOpModel:
+    """Mixin that gives a Keras model TF1's `create_train_op` training options.
+
+    Put it first in the bases: `class Net(kt.TrainOpModel, keras.Model)`, or
+    use the ready classes `kt.Model` and `kt.Sequential`. Then pass the
+    options to `compile()` next to Keras's own arguments, and call `fit`.
+
+    A model that overrides `train_step` keeps every option by calling
+    `self.minimize(loss_fn)` where it would compute and apply gradients.
+    """
+
+    def compile(
+        self,
+        *args,
+        grad_transforms=None,
+        transform_grads_fn=None,
+        aggregation_method=None,
+        gate_gradients=GATE_OP,
+        colocate_gradients_with_ops=False,
+        check_numerics=True,
+        update_ops=None,
+        variables_to_train=None,
+        summarize_gradients=False,
+        global_step=USE_GLOBAL_STEP,
+        **kwargs,
+    ):
+        """Configures the model for training: Keras's arguments plus TF1's options.
+
+        Args:
+            *args, **kwargs: Keras's own `compile()` arguments (`optimizer`,
+                `loss`, `metrics`, `run_eagerly`, `jit_compile`, ...).
+            grad_transforms: a callable or a list of callables, each taking and
+                returning a list of `(gradient, variable)` pairs (None
+                gradients included), applied in order after the gradients are
+                computed (and unscaled) and before they are applied.
+            transform_grads_fn: TF1's single transform with the same contract.
+                Pass this or `grad_transforms`, not both.
+            aggregation_method: a `tf.AggregationMethod` value, or None. Acts in
+                graph and XLA mode through `tf.gradients`; under
+                `run_eagerly=True` it cannot, and a warning says so once.
+            gate_gradients: `kt.GATE_NONE`, `kt.GATE_OP` (default) or
+                `kt.GATE_GRAPH`, as in TF1. `GATE_OP`'s guarantee holds by
+                construction in a TF2 graph; the other two go through
+                `tf.gradients` in graph and XLA mode.
+            colocate_gradients_with_ops: accepted so that TF1 code runs; it has
+                no effect in TF2, where placement is automatic.
+            check_numerics: if True (default), a step whose loss is inf or nan
+                changes no variable and raises `kt.NonFiniteError`, in eager,
+                graph and XLA mode.
+            update_ops: None or a list of zero-argument callables run every
+                step before the gradients are applied. Keras 3 layers such as
+                BatchNormalization update their statistics inside `call()`,
+                so they need none.
+            variables_to_train: None (all trainable variables), a list of
+                variables, a callable returning them, or regular expressions
+                searched in `variable.path`. Unselected variables do not
+                change, optimizer slots included.
+            summarize_gradients: if True, write a histogram and a norm scalar
+                per gradient through `tf.summary` when a default writer is
+                active.
+            global_step: `kt.USE_GLOBAL_STEP` (the optimizer's `iterations`),
+                None, or a scalar variable incremented by 1 per applied update.
+        """
+        options = TrainOptions(
+            grad_transforms=grad_transforms,
+            transform_grads_fn=transform_grads_fn,
+            aggregation_method=aggregation_method,
+            gate_gradients=gate_gradients,
+            colocate_gradients_with_ops=colocate_gradients_with_ops,
+            check_numerics=check_numerics,
+            update_ops=update_ops,
+            variables_to_train=variables_to_train,
+            summarize_gradients=summarize_gradients,
+            global_step=global_step,
+        )
+        super().compile(*args, **kwargs)
+        self.train_options = options
+        self.train_pipeline = StepPipeline(options, self.optimizer)
+        if self.built and variables_to_train is not None:
+            # Bad selections fail here, at compile time; an unbuilt model
+            # resolves them when the step is first traced. (None is resolved
+            # at the first step, so that a frozen model compiled only for
+            # `evaluate` does not fail.)
+            self._selected_variables()
+
+    def _selected_variables(self):
+        return self.train_pipeline.variables(
+            self.trainable_variables, owner=f"model {self.name!r}"
+        )
+
+    def minimize(self, loss_fn):
+        """Runs the whole keras_trainop step for a loss, inside a `train_step`.
+
+        For models that override `train_step`:
+
+        ```python
+        def train_step(self, data):
+            x, y = data
+
+            def loss_fn():
+                y_pred = self(x, training=True)
+                return self.compute_loss(x, y, y_pred), y_pred
+
+            y_pred = self.minimize(loss_fn)
+            ...
+        ```
+
+        Args:
+            loss_fn: zero-argument callable returning the scalar loss, or a
+                pair `(loss, aux)`.
+
+        Returns:
+            `aux` (None if `loss_fn` returned only the loss).
+        """
+
+        def forward():
+            result = loss_fn()
+            if isinstance(result, (tuple, list)) and len(result) == 2:
+                return result
+            return result, None
+
+        return self.train_pipeline.run(
+            forward,
+            candidates=self._selected_variables(),
+            state_variables=self.non_trainable_weights,
+        )
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+
+        def loss_fn():
+            if private.call_has_training_arg(self):
+                y_pred = self(x, training=True)
+            else:
+                y_pred = self(x)
+            loss = private.compute_loss(self, x, y, y_pred, sample_weight)
+            private.loss_tracker(self).update_state(
+                _unscale_for_distribution(loss), sample_weight=_batch_size(x)
+            )
+            return loss, y_pred
+
+        y_pred = self.minimize(loss_fn)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=force)
+        guard = self.train_pipeline.guard
+        if guard is not None:
+            # Under XLA the in-graph Assert is dropped: read the record instead.
+            host_check = bool(self.jit_compile) and not self.run_eagerly
+            self.train_function = guard.wrap(self.train_function, host_check)
+        return self.train_function
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config and hasattr(self, "train_options"):
+            config.update(serialization.serialize_options(self.train_options))
+        return config
+
+    def compile_from_config(self, config):
+        config = dict(config)
+        options = serialization.deserialize_options(config)
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config, **options)
+        if self.built:
+            # Create the optimizer variables so that saved values load into them.
+            self.optimizer.build(self.trainable_variables)
+
+
+@keras.saving.register_keras_serializable(package="keras_trainop")
+class Model(TrainOpModel, keras.Model):
+    """A `keras.Model` with keras_trainop's `compile()` options.
+
+    Works subclassed (`class Net(kt.Model)`) and functional
+    (`kt.Model(inputs, outputs)`).
+    """
+
+
+@keras.saving.register_keras_serializable(package="keras_trainop")
+class Sequential(TrainOpModel, keras.Sequential):
+    """A `keras.Sequential` with keras_trainop's `compile()` options."""

@@ -1,0 +1,250 @@
+"""THE training step, shared by `TrainOpModel` and the functional API.
+
+Order of one step (each stage only where its option is set):
+
+1. forward pass and loss, under a `tf.GradientTape`;
+2. loss scaling, when the optimizer is a `LossScaleOptimizer`;
+3. gradients (`GradientTape`, or `tf.gradients` for `aggregation_method` /
+   `gate_gradients`);
+4. (cross-replica reduction: not yet; the optimizer all-reduces as in Keras);
+5. unscaling, when a loss-scale optimizer is used and something reads the
+   gradients;
+6. finiteness of the loss (`check_numerics`);
+7. transforms, in order;
+8. statistics (`summarize_gradients`);
+9. update ops;
+10. apply (`optimizer.apply_gradients`);
+11. the global step, +1 per applied update.
+
+Stages 9 to 11 form "the update". With `check_numerics` it runs under
+`tf.cond(finite, update, record_failure)`, so a non-finite step changes no
+variable: no weight, no optimizer slot, no counter.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_trainop import _keras_private as private
+from keras_trainop import gradients as gradients_lib
+from keras_trainop import numerics
+from keras_trainop import summaries
+from keras_trainop.options import USE_GLOBAL_STEP
+from keras_trainop.variables import select_variables
+
+
+def _map_gradient(fn, grad):
+    if grad is None:
+        return None
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(fn(grad.values), grad.indices, grad.dense_shape)
+    return fn(grad)
+
+
+def _control_inputs(outputs):
+    """The tensors and ops among what update ops returned, to order the apply after."""
+    deps = []
+    for out in tf.nest.flatten(outputs, expand_composites=False):
+        if isinstance(out, (tf.Tensor, tf.Operation)):
+            deps.append(out)
+        elif isinstance(out, (tf.Variable, keras.Variable)):
+            deps.append(tf.convert_to_tensor(out))
+    return deps
+
+
+def _check_transform_output(index, transform, result, allowed):
+    if isinstance(result, tuple):
+        result = list(result)
+    if not isinstance(result, list) or not all(
+        isinstance(p, (tuple, list)) and len(p) == 2 for p in result
+    ):
+        raise ValueError(
+            f"Gradient transform {index} ({transform!r}) must return a list of "
+            "(gradient, variable) pairs, as TF1's `transform_grads_fn` did. "
+            f"Received: {result!r}"
+        )
+    for _, var in result:
+        if id(var) not in allowed:
+            raise ValueError(
+                f"Gradient transform {index} ({transform!r}) returned a pair for "
+                f"variable {summaries.variable_name(var)!r}, which is not one of the "
+                "variables being trained. A transform may drop pairs or change "
+                "gradients, never add variables."
+            )
+    return [tuple(p) for p in result]
+
+
+def is_loss_scale_optimizer(optimizer):
+    return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+class StepPipeline:
+    """One training step with TF1's `create_train_op` options.
+
+    Args:
+        options: the `TrainOptions` of the step.
+        optimizer: a Keras optimizer (a `LossScaleOptimizer` is understood).
+    """
+
+    def __init__(self, options, optimizer):
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise ValueError(
+                "`optimizer` must be a Keras 3 optimizer instance (TF1 "
+                "`tf.compat.v1.train.Optimizer`s are not supported). "
+                f"Received: optimizer={optimizer!r}"
+            )
+        self.options = options
+        self.optimizer = optimizer
+        self.guard = numerics.FailureGuard() if options.check_numerics else None
+        self.warned = set()
+        self._selected = None
+
+    # -- variables --------------------------------------------------------
+
+    def variables(self, candidates, trainable=None, owner="the model"):
+        """The variables to train, resolved once from `variables_to_train`.
+
+        Args:
+            candidates: the trainable variables that None selects.
+            trainable: all trainable variables a selection may name
+                (defaults to `candidates`).
+            owner: how errors name where the variables must come from.
+        """
+        if self._selected is None:
+            self._selected = select_variables(
+                self.options.variables_to_train,
+                candidates,
+                candidates if trainable is None else trainable,
+                owner,
+            )
+        return self._selected
+
+    # -- the step ---------------------------------------------------------
+
+    def run(self, forward, candidates=None, state_variables=()):
+        """Runs one step: forward, gradients, update. Returns forward's aux output.
+
+        Args:
+            forward: zero-argument callable returning `(loss, aux)`: the
+                scalar loss to minimise (unscaled) and anything to hand back.
+            candidates: the trainable variables that `variables_to_train=None`
+                selects; None means the trainable variables `forward` reads.
+            state_variables: non-trainable variables that `forward` may change
+                (e.g. BatchNormalization statistics); put back if the step is
+                blocked.
+        """
+        snapshot = None
+        if self.guard is not None and state_variables:
+            snapshot = [tf.identity(tf.convert_to_tensor(v)) for v in state_variables]
+        with tf.GradientTape() as tape:
+            loss, aux = forward()
+            scaled_loss = self.optimizer.scale_loss(loss)
+        if candidates is None:
+            variables = self.variables(
+                [v for v in tape.watched_variables() if v.trainable],
+                owner="what the loss reads",
+            )
+        else:
+            variables = self.variables(candidates)
+        grads = gradients_lib.compute_gradients(
+            tape, scaled_loss, variables, self.options, self.warned
+        )
+
+        restore = None
+        if snapshot is not None:
+
+            def restore():
+                for var, value in zip(state_variables, snapshot):
+                    var.assign(value)
+
+        self.update(loss, list(zip(grads, variables)), restore=restore)
+        return aux
+
+    def update(self, loss, grads_and_vars, restore=None):
+        """Stages 5 to 11 on gradients of the (scaled) loss."""
+        in_xla = private.in_xla_context()
+        opt = self.optimizer
+        options = self.options
+        variables = [v for _, v in grads_and_vars]
+        if not opt.built:
+            # Slots must exist before the update runs inside a `tf.cond`.
+            opt.build(variables)
+        step = tf.cast(tf.convert_to_tensor(opt.iterations), tf.int64) + 1
+
+        lso = is_loss_scale_optimizer(opt)
+        reads_gradients = bool(options.transforms) or options.summarize_gradients
+        rescale = None
+        if lso and reads_gradients:
+            grads_and_vars, rescale = self._unscale(grads_and_vars)
+
+        allowed = {id(v) for v in variables}
+        for i, transform in enumerate(options.transforms):
+            result = transform(list(grads_and_vars))
+            grads_and_vars = _check_transform_output(i, transform, result, allowed)
+
+        if options.summarize_gradients:
+            self._summarize(grads_and_vars, step, in_xla)
+
+        if rescale is not None:
+            grads_and_vars = rescale(grads_and_vars)
+
+        def apply_update():
+            outputs = [op() for op in options.update_ops]
+            with tf.control_dependencies(_control_inputs(outputs)):
+                counter = options.global_step
+                if counter is None or counter is USE_GLOBAL_STEP:
+                    opt.apply_gradients(grads_and_vars)
+                    return
+                before = tf.convert_to_tensor(opt.iterations)
+                opt.apply_gradients(grads_and_vars)
+                # +1 per update the optimizer really applied (a loss-scale
+                # optimizer skips overflowing steps without counting them).
+                applied = tf.convert_to_tensor(opt.iterations) - before
+                counter.assign_add(tf.cast(applied, counter.dtype))
+
+        if self.guard is None:
+            apply_update()
+        else:
+            finite = numerics.all_finite([loss])
+            self.guard.guard(finite, step, apply_update, restore=restore, in_xla=in_xla)
+
+    def _unscale(self, grads_and_vars):
+        """True-scale gradients for transforms, and the function that scales back.
+
+        The scale is a power of two, so unscaling and rescaling are exact. If
+        the raw gradients overflowed, the rescaled ones are poisoned with NaN,
+        so that a transform such as clipping cannot hide the overflow from the
+        loss-scale optimizer, which then skips the step and halves the scale.
+        """
+        scale = self.optimizer.dynamic_scale
+        raw = [g for g, _ in grads_and_vars if g is not None]
+        finite = numerics.all_finite([summaries.gradient_values(g) for g in raw])
+
+        def divide(g):
+            return g / tf.cast(scale, g.dtype)
+
+        unscaled = [(_map_gradient(divide, g), v) for g, v in grads_and_vars]
+
+        def rescale(pairs):
+            def back(g):
+                g = g * tf.cast(scale, g.dtype)
+                return tf.where(finite, g, tf.constant(float("nan"), g.dtype))
+
+            return [(_map_gradient(back, g), v) for g, v in pairs]
+
+        return unscaled, rescale
+
+    def _summarize(self, grads_and_vars, step, in_xla):
+        if in_xla:
+            gradients_lib.warn_once(
+                self.warned,
+                "xla-summaries",
+                "keras_trainop: `summarize_gradients=True` cannot write summaries "
+                "from inside an XLA-compiled step (tf.summary has no XLA kernel), "
+                "so no gradient summary is written. Compile with "
+                "jit_compile=False to get them.",
+            )
+            return
+        counter = self.options.global_step
+        if counter is not None and counter is not USE_GLOBAL_STEP:
+            step = tf.cast(tf.convert_to_tensor(counter), tf.int64) + 1
+        summaries.add_gradients_summaries(grads_and_vars, step=step)

@@ -1,0 +1,89 @@
+"""Resolving `variables_to_train` into the list of variables a step updates."""
+
+import re
+
+import tensorflow as tf
+
+from keras_trainop.summaries import variable_name
+
+
+def _keys(variable):
+    """Identity keys of a variable: itself, and the TF variable under a Keras one."""
+    keys = {id(variable)}
+    inner = getattr(variable, "value", None)
+    if isinstance(inner, tf.Variable):
+        keys.add(id(inner))
+    return keys
+
+
+def select_variables(selection, default, trainable, owner):
+    """Returns the variables to train, in the order of `trainable`.
+
+    Args:
+        selection: the validated `variables_to_train`: None, a callable, or
+            a list of variables and/or regular expressions (searched in
+            `variable.path` with `re.search`, as Keras's own
+            `exclude_from_weight_decay` does).
+        default: what None selects.
+        trainable: the trainable variables a selection may name.
+        owner: how errors name where the variables must come from.
+
+    Raises:
+        ValueError: for a variable that is not trainable or not in
+            `trainable`, a pattern that matches no trainable variable, or an
+            empty selection; the message names them.
+    """
+    if selection is None:
+        chosen = list(default)
+        if not chosen:
+            raise ValueError(
+                f"There are no trainable variables to train in {owner}. "
+                "Received: variables_to_train=None"
+            )
+        return chosen
+    items = selection() if callable(selection) else selection
+    if not isinstance(items, (list, tuple)):
+        items = [items]
+    index = {}
+    for var in trainable:
+        for key in _keys(var):
+            index[key] = var
+    chosen_ids = set()
+    unknown, unmatched = [], []
+    for item in items:
+        if isinstance(item, str):
+            hits = [v for v in trainable if re.search(item, variable_name(v))]
+            if not hits:
+                unmatched.append(item)
+            chosen_ids.update(id(v) for v in hits)
+            continue
+        match = next((index[k] for k in _keys(item) if k in index), None)
+        if match is None:
+            unknown.append(item)
+        else:
+            chosen_ids.add(id(match))
+    if unknown:
+        described = ", ".join(
+            f"{variable_name(v)!r} (trainable={bool(getattr(v, 'trainable', False))})"
+            for v in unknown
+        )
+        raise ValueError(
+            "`variables_to_train` must name trainable variables of "
+            f"{owner}. These are not: {described}. "
+            f"Received: variables_to_train={selection!r}"
+        )
+    if unmatched:
+        raise ValueError(
+            "`variables_to_train` regular expressions must each match the "
+            f"`path` of at least one trainable variable of {owner}. No match "
+            f"for: {unmatched}. Trainable variables: "
+            f"{[variable_name(v) for v in trainable]}. "
+            f"Received: variables_to_train={selection!r}"
+        )
+    chosen = [v for v in trainable if id(v) in chosen_ids]
+    if not chosen:
+        raise ValueError(
+            "`variables_to_train` selects no variable. "
+            f"Received: variables_to_train={selection!r}"
+        )
+    return chosen

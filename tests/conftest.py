@@ -1,0 +1,48 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+MODES = ["eager", "graph", "jit"]
+
+
+def mode_kwargs(mode):
+    """Keras compile() arguments for an execution mode."""
+    return {"run_eagerly": mode == "eager", "jit_compile": mode == "jit"}
+
+
+@pytest.fixture(autouse=True)
+def fresh_keras():
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    yield
+
+
+def regression_data(n=64, features=4, seed=0):
+    rng = np.random.RandomState(seed)
+    x = rng.randn(n, features).astype("float32")
+    y = (x @ rng.randn(features, 1)).astype("float32")
+    return x, y
+
+
+def mlp(cls=keras.Model, features=4, hidden=8, seed=0, batchnorm=False):
+    """A small functional MLP of class `cls`, with fixed initial weights."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((features,))
+    h = keras.layers.Dense(hidden, activation="tanh", name="hidden")(inputs)
+    if batchnorm:
+        h = keras.layers.BatchNormalization(name="bn")(h)
+    outputs = keras.layers.Dense(1, name="out")(h)
+    return cls(inputs, outputs)
+
+
+def max_abs_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(p) - np.asarray(q)))) for p, q in zip(a, b))
+
+
+def optimizer_state(model):
+    return [np.array(v) for v in model.optimizer.variables]
