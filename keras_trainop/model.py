@@ -149,7 +149,7 @@ class TrainOpModel:
 
         return self.train_pipeline.run(
             forward,
-            candidates=self._selected_variables(),
+            candidates=lambda: self._selected_variables(),
             state_variables=self.non_trainable_weights,
         )
 

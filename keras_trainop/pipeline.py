@@ -127,7 +127,9 @@ class StepPipeline:
             forward: zero-argument callable returning `(loss, aux)`: the
                 scalar loss to minimise (unscaled) and anything to hand back.
             candidates: the trainable variables that `variables_to_train=None`
-                selects; None means the trainable variables `forward` reads.
+                selects, or a zero-argument callable returning them (called
+                after `forward`, which may build a model lazily); None means
+                the trainable variables `forward` reads.
             state_variables: non-trainable variables that `forward` may change
                 (e.g. BatchNormalization statistics); put back if the step is
                 blocked.
@@ -144,7 +146,7 @@ class StepPipeline:
                 owner="what the loss reads",
             )
         else:
-            variables = self.variables(candidates)
+            variables = self.variables(candidates() if callable(candidates) else candidates)
         grads = gradients_lib.compute_gradients(
             tape, scaled_loss, variables, self.options, self.warned
         )

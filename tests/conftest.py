@@ -45,4 +45,4 @@ def max_abs_diff(a, b):
 
 
 def optimizer_state(model):
-    return [np.array(v) for v in model.optimizer.variables]
+    return [v.numpy() for v in model.optimizer.variables]
