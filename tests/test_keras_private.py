@@ -1,0 +1,75 @@
+"""Fails loudly when a Keras / TF release moves a private hook keras_trainop uses.
+
+Each test checks the hook still exists and still means what
+`keras_trainop/_keras_private.py` says it means.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from conftest import mlp
+
+from keras_trainop import _keras_private as private
+
+
+def compiled_model():
+    model = mlp(keras.Model)
+    model.compile("sgd", "mse")
+    return model
+
+
+def test_loss_tracker_is_the_loss_metric_of_the_logs():
+    model = compiled_model()
+    tracker = private.loss_tracker(model)
+    assert isinstance(tracker, keras.metrics.Mean)
+    assert tracker is model.metrics[0] and tracker.name == "loss"
+
+
+def test_call_has_training_arg_tracks_the_call_signature():
+    class NoTraining(keras.Model):
+        def call(self, x):
+            return x
+
+    class WithTraining(keras.Model):
+        def call(self, x, training=False):
+            return x
+
+    assert private.call_has_training_arg(WithTraining()) is True
+    assert private.call_has_training_arg(NoTraining()) is False
+
+
+def test_compute_loss_wrapper_matches_the_public_compute_loss():
+    model = compiled_model()
+    x = np.ones((2, 4), "float32")
+    y = np.zeros((2, 1), "float32")
+    y_pred = model(x)
+    expected = model.compute_loss(x, y, y_pred, training=True)
+    np.testing.assert_allclose(private.compute_loss(model, x, y, y_pred, None), expected)
+
+
+def test_function_watched_variables_lists_what_the_function_read():
+    a, b, unread = tf.Variable(1.0, name="a"), tf.Variable(2.0, name="b"), tf.Variable(3.0)
+    seen = []
+
+    @tf.function
+    def f():
+        product = a * b
+        seen.extend(private.function_watched_variables())
+        return product
+
+    f()
+    assert {id(v) for v in seen} == {id(a), id(b)}
+    assert private.function_watched_variables() is None or tf.executing_eagerly()
+
+
+def test_in_xla_context_tells_jit_compiled_traces_apart():
+    seen = []
+
+    def record():
+        seen.append(private.in_xla_context())
+        return tf.constant(0.0)
+
+    tf.function(record, jit_compile=True)()
+    tf.function(record)()
+    assert seen == [True, False]
+    assert private.in_xla_context() is False
