@@ -71,7 +71,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--variants", default="plain,default,no_check")
+    parser.add_argument(
+        "--variants", default="plain,default,no_check,tf_gradients_gate_graph,summaries_no_writer"
+    )
     parser.add_argument("--jit", action="store_true", help="jit_compile=True for all")
     args = parser.parse_args()
     names = args.variants.split(",")

@@ -12,6 +12,7 @@ from keras_trainop import _keras_private as private
 from keras_trainop import serialization
 from keras_trainop.options import GATE_OP, USE_GLOBAL_STEP, TrainOptions
 from keras_trainop.pipeline import StepPipeline
+from keras_trainop.variables import select_variables
 
 
 def _batch_size(x):
@@ -101,20 +102,34 @@ class TrainOpModel:
             summarize_gradients=summarize_gradients,
             global_step=global_step,
         )
+        selected = None
+        if self.built and (variables_to_train is not None or self.trainable_variables):
+            # Resolved before anything changes, so that a bad selection leaves
+            # the previous compiled state as it was. An unbuilt model resolves
+            # it when its first step is traced; a frozen model compiled only
+            # for `evaluate` has nothing to resolve.
+            selected = select_variables(
+                options.variables_to_train,
+                self.trainable_variables,
+                self.trainable_variables,
+                self._owner_name(),
+            )
         super().compile(*args, **kwargs)
+        pipeline = StepPipeline(options, self.optimizer)
+        if selected is not None:
+            pipeline.selected = selected
+            if not self.optimizer.built:
+                # Slots for exactly the variables it updates, as a loaded
+                # model will build them (see compile_from_config).
+                self.optimizer.build(selected)
         self.train_options = options
-        self.train_pipeline = StepPipeline(options, self.optimizer)
-        if self.built and variables_to_train is not None:
-            # Bad selections fail here, at compile time; an unbuilt model
-            # resolves them when the step is first traced. (None is resolved
-            # at the first step, so that a frozen model compiled only for
-            # `evaluate` does not fail.)
-            self._selected_variables()
+        self.train_pipeline = pipeline
+
+    def _owner_name(self):
+        return f"model {self.name!r}"
 
     def _selected_variables(self):
-        return self.train_pipeline.variables(
-            self.trainable_variables, owner=f"model {self.name!r}"
-        )
+        return self.train_pipeline.variables(self.trainable_variables, owner=self._owner_name())
 
     def minimize(self, loss_fn):
         """Runs the whole keras_trainop step for a loss, inside a `train_step`.
@@ -184,17 +199,18 @@ class TrainOpModel:
     def get_compile_config(self):
         config = super().get_compile_config()
         if config and hasattr(self, "train_options"):
-            config.update(serialization.serialize_options(self.train_options))
+            config.update(
+                serialization.serialize_options(self.train_options, self.trainable_variables)
+            )
         return config
 
     def compile_from_config(self, config):
         config = dict(config)
-        options = serialization.deserialize_options(config)
+        options = serialization.deserialize_options(config, self.trainable_variables)
         config = keras.saving.deserialize_keras_object(config)
+        # compile() builds the optimizer of a built model over the variables it
+        # trains, so that the saved optimizer variables load into it.
         self.compile(**config, **options)
-        if self.built:
-            # Create the optimizer variables so that saved values load into them.
-            self.optimizer.build(self.trainable_variables)
 
 
 @keras.saving.register_keras_serializable(package="keras_trainop")

@@ -13,6 +13,8 @@ the step:
   the caller reads the record after each call (`raise_if_failed`).
 """
 
+import weakref
+
 import tensorflow as tf
 
 _MARKER = "keras_trainop: non-finite training step"
@@ -48,12 +50,24 @@ def all_finite(tensors):
     return flags[0] if len(flags) == 1 else tf.reduce_all(tf.stack(flags))
 
 
+_GUARDS = weakref.WeakKeyDictionary()
+
+
 class FailureGuard:
-    """Records the first failing step and turns it into a `NonFiniteError`.
+    """Records the failing step and turns it into a `NonFiniteError`.
 
     The record is a non-trainable int64 variable outside the model's weights:
-    0 when no step failed, else the number of the first failing step.
+    0 when no step failed, else the number of the failing step. There is one
+    guard per optimizer (`FailureGuard.for_optimizer`), so that a step traced
+    again (as `tf.function` does) reuses its variable instead of creating one.
     """
+
+    @classmethod
+    def for_optimizer(cls, optimizer):
+        guard = _GUARDS.get(optimizer)
+        if guard is None:
+            guard = _GUARDS[optimizer] = cls()
+        return guard
 
     def __init__(self):
         with tf.init_scope():
@@ -86,8 +100,15 @@ class FailureGuard:
         def on_failure():
             if restore is not None:
                 restore()
-            first = tf.where(tf.equal(self.failed_step, 0), step, self.failed_step)
-            self.failed_step.assign(first)
+            if in_xla:
+                # Keep the first failure of the call: the later steps were
+                # blocked because of it.
+                step_ = tf.where(tf.equal(self.failed_step, 0), step, self.failed_step)
+            else:
+                # The Assert below raises now; a record left over from a failure
+                # caught inside the user's own tf.function must not win.
+                step_ = step
+            self.failed_step.assign(step_)
 
         def on_success():
             update()

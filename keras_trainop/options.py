@@ -175,7 +175,7 @@ def validate_global_step(value):
         return value
     if _is_variable(value):
         dtype = tf.as_dtype(value.dtype)
-        if (dtype.is_integer or dtype.is_floating) and len(value.shape) == 0:
+        if dtype.is_integer and len(value.shape) == 0:
             return value
     raise ValueError(
         "`global_step` must be kt.USE_GLOBAL_STEP (count with "

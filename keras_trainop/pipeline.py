@@ -94,9 +94,11 @@ class StepPipeline:
             )
         self.options = options
         self.optimizer = optimizer
-        self.guard = numerics.FailureGuard() if options.check_numerics else None
+        self.guard = (
+            numerics.FailureGuard.for_optimizer(optimizer) if options.check_numerics else None
+        )
         self.warned = set()
-        self._selected = None
+        self.selected = None  # the variables to train, once resolved
 
     # -- variables --------------------------------------------------------
 
@@ -109,14 +111,14 @@ class StepPipeline:
                 (defaults to `candidates`).
             owner: how errors name where the variables must come from.
         """
-        if self._selected is None:
-            self._selected = select_variables(
+        if self.selected is None:
+            self.selected = select_variables(
                 self.options.variables_to_train,
                 candidates,
                 candidates if trainable is None else trainable,
                 owner,
             )
-        return self._selected
+        return self.selected
 
     # -- the step ---------------------------------------------------------
 

@@ -3,13 +3,12 @@
 Saved: registered transforms and functions (`@keras.saving.
 register_keras_serializable`), `aggregation_method`, `gate_gradients`, the
 booleans, `global_step=USE_GLOBAL_STEP` or None, and `variables_to_train` given
-as regular expressions or as variables of the model (saved as exact-path
-patterns). What cannot be saved (a lambda or unregistered function, an update
+as regular expressions or as variables of the model (saved by their index in
+`model.trainable_variables`, since Keras may give a reloaded model other paths). What cannot be saved (a lambda or unregistered function, an update
 op, a global-step variable) is left out with a warning at save time, which
 says what to pass to `compile()` again after loading.
 """
 
-import re
 import types
 import warnings
 
@@ -55,8 +54,24 @@ def _serialize_callables(name, values):
     return saved
 
 
-def serialize_options(options):
-    """The JSON-able part of `options`, under one key of the compile config."""
+def _variable_index(variable, trainable_variables):
+    for i, candidate in enumerate(trainable_variables):
+        if candidate is variable or getattr(candidate, "value", None) is variable:
+            return i
+    raise ValueError(
+        f"Cannot save `variables_to_train`: {variable_name(variable)!r} is not a "
+        "trainable variable of the model."
+    )
+
+
+def serialize_options(options, trainable_variables):
+    """The JSON-able part of `options`, under one key of the compile config.
+
+    Args:
+        options: the model's `TrainOptions`.
+        trainable_variables: the model's trainable variables, by which selected
+            variables are saved.
+    """
     config = {
         "aggregation_method": options.aggregation_method,
         "gate_gradients": options.gate_gradients,
@@ -79,7 +94,9 @@ def serialize_options(options):
         config["variables_to_train"] = saved[0] if saved else None
     elif selection is not None:
         config["variables_to_train"] = [
-            item if isinstance(item, str) else f"^{re.escape(variable_name(item))}$"
+            item
+            if isinstance(item, str)
+            else {"trainable_index": _variable_index(item, trainable_variables)}
             for item in selection
         ]
     if options.global_step is USE_GLOBAL_STEP:
@@ -96,8 +113,14 @@ def serialize_options(options):
     return {_KEY: config}
 
 
-def deserialize_options(config):
-    """Pops the keras_trainop options out of a compile config, as compile() kwargs."""
+def deserialize_options(config, trainable_variables):
+    """Pops the keras_trainop options out of a compile config, as compile() kwargs.
+
+    Args:
+        config: the compile config (modified: the options are removed).
+        trainable_variables: the loaded model's trainable variables, in the
+            order Keras loads weights, to resolve saved indices.
+    """
     saved = dict(config.pop(_KEY, None) or {})
 
     def load(value):
@@ -112,6 +135,11 @@ def deserialize_options(config):
     selection = saved.get("variables_to_train")
     if isinstance(selection, dict):
         saved["variables_to_train"] = load(selection)
+    elif isinstance(selection, list):
+        saved["variables_to_train"] = [
+            trainable_variables[item["trainable_index"]] if isinstance(item, dict) else item
+            for item in selection
+        ]
     if saved.get("global_step", None) == "use_global_step" or "global_step" not in saved:
         saved["global_step"] = USE_GLOBAL_STEP
     return saved

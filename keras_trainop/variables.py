@@ -49,6 +49,7 @@ def select_variables(selection, default, trainable, owner):
         for key in _keys(var):
             index[key] = var
     chosen_ids = set()
+    given = {}  # id of a trainable variable -> the object the user named it by
     unknown, unmatched = [], []
     for item in items:
         if isinstance(item, str):
@@ -62,6 +63,7 @@ def select_variables(selection, default, trainable, owner):
             unknown.append(item)
         else:
             chosen_ids.add(id(match))
+            given[id(match)] = item
     if unknown:
         described = ", ".join(
             f"{variable_name(v)!r} (trainable={bool(getattr(v, 'trainable', False))})"
@@ -75,12 +77,15 @@ def select_variables(selection, default, trainable, owner):
     if unmatched:
         raise ValueError(
             "`variables_to_train` regular expressions must each match the "
-            f"`path` of at least one trainable variable of {owner}. No match "
+            "`path` (for a plain tf.Variable: the name) of at least one "
+            f"trainable variable of {owner}. No match "
             f"for: {unmatched}. Trainable variables: "
             f"{[variable_name(v) for v in trainable]}. "
             f"Received: variables_to_train={selection!r}"
         )
-    chosen = [v for v in trainable if id(v) in chosen_ids]
+    # A variable named explicitly is kept as given: a keras.Variable rather
+    # than the tf.Variable under it, so that transforms see its `path`.
+    chosen = [given.get(id(v), v) for v in trainable if id(v) in chosen_ids]
     if not chosen:
         raise ValueError(
             "`variables_to_train` selects no variable. "
