@@ -58,3 +58,16 @@ def in_xla_context():
     if tf.executing_eagerly():
         return False
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def needs_merge_call():
+    """Whether the current replica context synchronises through `merge_call`.
+
+    Such a strategy (MirroredStrategy on CPU, for one) forbids a `tf.cond` in
+    replica context whose branch calls `merge_call`, as `apply_gradients`
+    does. Keras's own LossScaleOptimizer asks TF the same question, through
+    the same internal function.
+    """
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return False
+    return not tf.__internal__.distribute.strategy_supports_no_merge_call()

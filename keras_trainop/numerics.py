@@ -17,7 +17,29 @@ import weakref
 
 import tensorflow as tf
 
+from keras_trainop import _keras_private as private
+
 _MARKER = "keras_trainop: non-finite training step"
+
+
+def _cross_replica_cond(ok, true_fn, false_fn, args):
+    """`tf.cond(ok, true_fn(*args), false_fn(*args))` around code that calls `merge_call`.
+
+    A strategy that synchronises through `merge_call` (MirroredStrategy on CPU,
+    for one) cannot run a `tf.cond` in replica context whose branch calls it,
+    and `optimizer.apply_gradients` does. As Keras's LossScaleOptimizer does,
+    the cond runs in cross-replica context and each branch runs per replica.
+    """
+
+    def cross_replica(distribution, ok, args):
+        ok = distribution.experimental_local_results(ok)[0]
+
+        def per_replica(fn):
+            return lambda: distribution.extended.call_for_each_replica(fn, args=args)
+
+        tf.cond(ok, per_replica(true_fn), per_replica(false_fn))
+
+    tf.distribute.get_replica_context().merge_call(cross_replica, args=(ok, args))
 
 
 class NonFiniteError(tf.errors.InvalidArgumentError):
@@ -79,41 +101,50 @@ class FailureGuard:
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
 
-    def guard(self, finite, step, update, restore=None, in_xla=False):
-        """Runs `update()` only if `finite` (and, under XLA, no earlier step failed).
+    def guard(self, finite, step, update, restore=None, args=(), in_xla=False):
+        """Runs `update(*args)` only if `finite` (under XLA: and no step failed before).
 
         Args:
             finite: scalar bool tensor.
             step: int64 scalar, the number of this step.
-            update: zero-argument callable doing the whole update.
-            restore: optional zero-argument callable run instead on failure
+            update: callable doing the whole update from `args`.
+            restore: optional callable run with `args` instead, on failure
                 (puts back state that the forward pass changed).
+            args: the tensors `update` and `restore` work on. They are passed
+                explicitly because under a distribution strategy both run once
+                per replica, each on its own replica's values.
             in_xla: whether the step is being compiled by XLA, where
                 `Assert` does nothing.
         """
+        if private.needs_merge_call():
+            # Every replica must take the same branch: finite only if all are.
+            context = tf.distribute.get_replica_context()
+            bad = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(~finite, tf.int32))
+            finite = tf.equal(bad, 0)
         ok = finite
         if in_xla:
             # Nothing raises inside XLA: later steps of the same call must not
             # apply either, until the caller has read the record.
             ok = tf.logical_and(finite, tf.equal(self.failed_step, 0))
 
-        def on_failure():
+        def on_failure(*args):
             if restore is not None:
-                restore()
+                restore(*args)
             if in_xla:
                 # Keep the first failure of the call: the later steps were
                 # blocked because of it.
-                step_ = tf.where(tf.equal(self.failed_step, 0), step, self.failed_step)
-            else:
-                # The Assert below raises now; a record left over from a failure
-                # caught inside the user's own tf.function must not win.
-                step_ = step
-            self.failed_step.assign(step_)
+                return tf.where(tf.equal(self.failed_step, 0), step, self.failed_step)
+            # The Assert below raises now; a record left over from a failure
+            # caught inside the user's own tf.function must not win.
+            return step
 
-        def on_success():
-            update()
+        def record_failure(*args):
+            self.failed_step.assign(on_failure(*args))
 
-        tf.cond(ok, on_success, on_failure)
+        if private.needs_merge_call():
+            _cross_replica_cond(ok, update, record_failure, args)
+        else:
+            tf.cond(ok, lambda: update(*args), lambda: record_failure(*args))
         if not in_xla:
             with tf.control_dependencies([self.failed_step.read_value()]):
                 tf.debugging.Assert(finite, [_MARKER, "(inf or nan) at step", step])

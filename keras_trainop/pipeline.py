@@ -156,15 +156,24 @@ class StepPipeline:
         restore = None
         if snapshot is not None:
 
-            def restore():
-                for var, value in zip(state_variables, snapshot):
+            def restore(grads_and_vars, saved):
+                del grads_and_vars
+                for var, value in zip(state_variables, saved):
                     var.assign(value)
 
-        self.update(loss, list(zip(grads, variables)), restore=restore)
+        self.update(loss, list(zip(grads, variables)), restore=restore, snapshot=snapshot)
         return aux
 
-    def update(self, loss, grads_and_vars, restore=None):
-        """Stages 5 to 11 on gradients of the (scaled) loss."""
+    def update(self, loss, grads_and_vars, restore=None, snapshot=None):
+        """Stages 5 to 11 on gradients of the (scaled) loss.
+
+        Args:
+            loss: the unscaled scalar loss, for the finiteness check.
+            grads_and_vars: `(gradient, variable)` pairs of the scaled loss.
+            restore: optional `restore(grads_and_vars, snapshot)`, run instead
+                of the update when the step is blocked.
+            snapshot: the values `restore` puts back.
+        """
         in_xla = private.in_xla_context()
         opt = self.optimizer
         options = self.options
@@ -191,7 +200,8 @@ class StepPipeline:
         if rescale is not None:
             grads_and_vars = rescale(grads_and_vars)
 
-        def apply_update():
+        def apply_update(grads_and_vars, snapshot):
+            del snapshot
             outputs = [op() for op in options.update_ops]
             with tf.control_dependencies(_control_inputs(outputs)):
                 counter = options.global_step
@@ -205,11 +215,12 @@ class StepPipeline:
                 applied = tf.convert_to_tensor(opt.iterations) - before
                 counter.assign_add(tf.cast(applied, counter.dtype))
 
+        args = (grads_and_vars, snapshot)
         if self.guard is None:
-            apply_update()
+            apply_update(*args)
         else:
             finite = numerics.all_finite([loss])
-            self.guard.guard(finite, step, apply_update, restore=restore, in_xla=in_xla)
+            self.guard.guard(finite, step, apply_update, restore=restore, args=args, in_xla=in_xla)
 
     def _unscale(self, grads_and_vars):
         """True-scale gradients for transforms, and the function that scales back.

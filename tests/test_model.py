@@ -507,3 +507,56 @@ def test_custom_train_step_calls_the_pipeline(mode):
     # Steps are counted across fits: 4 done, the 2nd of this fit is step 6.
     with pytest.raises(kt.NonFiniteError, match="step 6"):
         fit(model, x, poisoned_targets(y, 1, np.nan))
+
+
+# -- mixed precision: loss scaling -----------------------------------------------------------
+
+
+@pytest.fixture
+def mixed_float16():
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mixed_precision_scales_the_loss_like_plain_keras(mode, mixed_float16):
+    x, y = regression_data()
+    ours, theirs = pair(mode, opt=lambda: keras.optimizers.SGD(0.05))
+    assert isinstance(ours.optimizer, keras.optimizers.LossScaleOptimizer)
+    fit(ours, x, y, epochs=2)
+    fit(theirs, x, y, epochs=2)
+    assert max_abs_diff(ours.get_weights(), theirs.get_weights()) == 0
+    assert float(ours.optimizer.dynamic_scale) == float(theirs.optimizer.dynamic_scale)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mixed_precision_transforms_see_unscaled_gradients(mode, mixed_float16):
+    x, y = regression_data()
+    largest_norm = tf.Variable(0.0, trainable=False)
+
+    def record_norm(grads_and_vars):
+        norm = tf.linalg.global_norm([tf.cast(g, tf.float32) for g, _ in grads_and_vars])
+        # Overflowing steps (skipped by the optimizer) have an infinite norm.
+        largest_norm.assign(tf.where(tf.math.is_finite(norm), tf.maximum(largest_norm, norm), largest_norm))
+        return grads_and_vars
+
+    ours, theirs = pair(
+        mode,
+        opt=lambda: keras.optimizers.SGD(0.05),
+        # Keras's LossScaleOptimizer unscales before its inner optimizer clips.
+        plain_kwargs={"optimizer": keras.optimizers.SGD(0.05, clipnorm=0.5)},
+        grad_transforms=[record_norm, kt.clip_gradient_norms_fn(0.5)],
+    )
+    fit(ours, x, y)
+    fit(theirs, x, y)
+    np.testing.assert_allclose(
+        np.concatenate([w.ravel() for w in ours.get_weights()]),
+        np.concatenate([w.ravel() for w in theirs.get_weights()]),
+        rtol=1e-3,
+        atol=1e-3,
+    )
+    # Unscaled: gradient norms of order 1, not thousands of times that.
+    assert 0.1 < float(largest_norm.numpy()) < 100
+    # The first steps overflowed at the initial scale: the skip path ran, as in plain Keras.
+    assert float(ours.optimizer.dynamic_scale) == float(theirs.optimizer.dynamic_scale) < 32768

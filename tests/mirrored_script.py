@@ -1,0 +1,72 @@
+"""Run by tests/test_distribute.py in a process of its own: logical CPU devices
+must be configured before TensorFlow initialises, which the test process has done.
+
+Prints one JSON object with what the test asserts.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import tensorflow as tf  # noqa: E402
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import max_abs_diff, mlp, regression_data  # noqa: E402
+
+import keras_trainop as kt  # noqa: E402
+
+BATCH = 16
+
+
+def fit(model, x, y, epochs=1):
+    model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0, shuffle=False)
+
+
+def compiled(strategy, cls, batchnorm=False, **options):
+    with strategy.scope():
+        model = mlp(cls, batchnorm=batchnorm)
+        model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "mse", **options)
+    return model
+
+
+def main():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    x, y = regression_data()
+    results = {"replicas": strategy.num_replicas_in_sync}
+
+    for check in (True, False):
+        ours, theirs = compiled(strategy, kt.Model, check_numerics=check), compiled(strategy, keras.Model)
+        fit(ours, x, y, epochs=2)
+        fit(theirs, x, y, epochs=2)
+        results[f"parity_check_{check}"] = max_abs_diff(ours.get_weights(), theirs.get_weights())
+
+    bad_y = y.copy()
+    bad_y[2 * BATCH + 1] = np.nan  # the 3rd step; the nan lands on one replica only
+    model = compiled(strategy, kt.Model, batchnorm=True)
+    reference = compiled(strategy, kt.Model, batchnorm=True)
+    try:
+        fit(model, x, bad_y)
+        results["error"] = None
+    except kt.NonFiniteError as e:
+        results["error"] = str(e)
+        results["error_step"] = e.step
+    fit(reference, x[: 2 * BATCH], y[: 2 * BATCH])
+    results["iterations"] = int(model.optimizer.iterations.numpy())
+    results["blocked_diff"] = max_abs_diff(model.get_weights(), reference.get_weights())
+    results["blocked_slots_diff"] = max_abs_diff(
+        [v.numpy() for v in model.optimizer.variables],
+        [v.numpy() for v in reference.optimizer.variables],
+    )
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

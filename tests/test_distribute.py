@@ -1,0 +1,41 @@
+"""TrainOpModel under MirroredStrategy on two logical CPU devices (in a subprocess)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def mirrored():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [sys.executable, str(HERE / "mirrored_script.py")],
+        capture_output=True, text=True, timeout=240, env=env, cwd=HERE,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_two_replicas(mirrored):
+    assert mirrored["replicas"] == 2
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_default_options_train_like_plain_keras_under_mirrored(mirrored, check):
+    # Oracle: plain keras.Model under the same strategy (the all-reduce is Keras's).
+    assert mirrored[f"parity_check_{check}"] == 0
+
+
+def test_non_finite_step_is_blocked_on_every_replica(mirrored):
+    assert mirrored["error"] is not None and "inf or nan at step 3" in mirrored["error"]
+    assert mirrored["error_step"] == 3
+    assert mirrored["iterations"] == 2
+    # Oracle: the same model trained on the two good batches only (BN statistics included).
+    assert mirrored["blocked_diff"] == 0
+    assert mirrored["blocked_slots_diff"] == 0
