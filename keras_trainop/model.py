@@ -122,8 +122,29 @@ class TrainOpModel:
                 # Slots for exactly the variables it updates, as a loaded
                 # model will build them (see compile_from_config).
                 self.optimizer.build(selected)
+            pipeline.build_transforms(selected)
         self.train_options = options
         self.train_pipeline = pipeline
+        self._track_transform_state()
+
+    def _track_transform_state(self):
+        """Keeps the transforms' state among the model's weights.
+
+        So it is saved in `.keras` files and checkpoints, loaded back (a loaded
+        model's compile() recreates it before the weights load), and put back
+        with the other non-trainable state when a step is blocked. One tracked
+        list, refilled in place: Keras untracks what leaves it.
+        """
+        state = self.train_pipeline.transform_variables()
+        tracked = getattr(self, "grad_transform_variables", None)
+        if tracked is None:
+            if not state:
+                return
+            self.grad_transform_variables = []
+            tracked = self.grad_transform_variables
+        if [id(v) for v in tracked] != [id(v) for v in state]:
+            tracked.clear()
+            tracked.extend(state)
 
     def _owner_name(self):
         return f"model {self.name!r}"
@@ -162,11 +183,14 @@ class TrainOpModel:
                 return result
             return result, None
 
-        return self.train_pipeline.run(
+        aux = self.train_pipeline.run(
             forward,
             candidates=lambda: self._selected_variables(),
             state_variables=self.non_trainable_weights,
         )
+        # A model built by its first step has just built its transforms too.
+        self._track_transform_state()
+        return aux
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)

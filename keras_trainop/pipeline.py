@@ -120,6 +120,24 @@ class StepPipeline:
             )
         return self.selected
 
+    # -- stateful transforms ----------------------------------------------
+
+    def build_transforms(self, variables):
+        """Lets each transform with a `build(variables)` method create its state.
+
+        Called once, before the transforms first run; under `tf.init_scope` so
+        that state variables are created outside any traced function.
+        """
+        for transform in self.options.transforms:
+            build = getattr(transform, "build", None)
+            if callable(build) and not getattr(transform, "built", False):
+                with tf.init_scope():
+                    build(list(variables))
+
+    def transform_variables(self):
+        """The state variables of all transforms (their `variables` attribute)."""
+        return [v for t in self.options.transforms for v in getattr(t, "variables", ())]
+
     # -- the step ---------------------------------------------------------
 
     def run(self, forward, candidates=None, state_variables=()):
@@ -189,6 +207,7 @@ class StepPipeline:
         if lso and reads_gradients:
             grads_and_vars, rescale = self._unscale(grads_and_vars)
 
+        self.build_transforms(variables)
         allowed = {id(v) for v in variables}
         for i, transform in enumerate(options.transforms):
             result = transform(list(grads_and_vars))
