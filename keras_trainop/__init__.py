@@ -13,6 +13,7 @@ from keras_trainop.model import Model
 from keras_trainop.model import Sequential
 from keras_trainop.model import TrainOpModel
 from keras_trainop.numerics import NonFiniteError
+from keras_trainop.numerics import SkipNonFinite
 from keras_trainop.options import GATE_GRAPH
 from keras_trainop.options import GATE_NONE
 from keras_trainop.options import GATE_OP
@@ -28,6 +29,7 @@ __all__ = [
     "Model",
     "NonFiniteError",
     "Sequential",
+    "SkipNonFinite",
     "TrainOpModel",
     "add_gradients_summaries",
     "clip_gradient_norms",

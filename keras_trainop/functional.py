@@ -68,7 +68,8 @@ def create_train_step(
 
     Returns:
         A callable `step(*args, **kwargs)` that runs one step and returns the
-        nested loss values computed before the update. It also has
+        nested loss values computed before the update. With the skip policy,
+        `step.skipped_steps` counts the skipped steps. It also has
         `step.raise_if_failed()`: inside your own `jit_compile=True` function,
         where nothing can raise, a non-finite step is still blocked (and every
         later one, until this is called), and this raises its
@@ -103,9 +104,9 @@ def create_train_step(
             return _total_loss(values, total_loss_fn), values
 
         if not tf.executing_eagerly() or pipeline.guard is None:
-            return pipeline.run(forward)
+            return pipeline.run(forward)[0]
         try:
-            return pipeline.run(forward)
+            return pipeline.run(forward)[0]
         except tf.errors.InvalidArgumentError as e:
             translated = pipeline.guard.translate(e)
             if translated is e:
@@ -116,6 +117,8 @@ def create_train_step(
     step.raise_if_failed = (
         pipeline.guard.raise_if_failed if pipeline.guard is not None else lambda: None
     )
+    # With check_numerics="skip": the number of skipped steps (an int64 variable).
+    step.skipped_steps = pipeline.guard.skipped_total if pipeline.guard is not None else None
     return step
 
 

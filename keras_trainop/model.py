@@ -27,6 +27,11 @@ def _unscale_for_distribution(loss):
     return loss * tf.cast(replicas, loss.dtype) if replicas > 1 else loss
 
 
+def _then(fn, value):
+    fn()
+    return tf.constant(value)
+
+
 class TrainOpModel:
     """Mixin that gives a Keras model TF1's `create_train_op` training options.
 
@@ -73,9 +78,13 @@ class TrainOpModel:
                 `tf.gradients` in graph and XLA mode.
             colocate_gradients_with_ops: accepted so that TF1 code runs; it has
                 no effect in TF2, where placement is automatic.
-            check_numerics: if True (default), a step whose loss is inf or nan
-                changes no variable and raises `kt.NonFiniteError`, in eager,
-                graph and XLA mode.
+            check_numerics: True (default) or "loss": a step whose loss is inf
+                or nan changes no variable and raises `kt.NonFiniteError`, in
+                eager, graph and XLA mode. "all": the loss and every gradient
+                are checked, and the error names the variables. "skip" or
+                `kt.SkipNonFinite(max_consecutive=None)`: such a step is
+                skipped, training goes on, and the logs count `skipped_steps`.
+                False: no check.
             update_ops: None or a list of zero-argument callables run every
                 step before the gradients are applied. Keras 3 layers such as
                 BatchNormalization update their statistics inside `call()`,
@@ -126,6 +135,10 @@ class TrainOpModel:
         self.train_options = options
         self.train_pipeline = pipeline
         self._track_transform_state()
+        if options.numerics.skip and getattr(self, "skipped_steps_tracker", None) is None:
+            # A Keras metric of the model: reset each epoch, shown in the
+            # progress bar and History as `skipped_steps`.
+            self.skipped_steps_tracker = keras.metrics.Sum(name="skipped_steps")
 
     def _track_transform_state(self):
         """Keeps the transforms' state among the model's weights.
@@ -176,6 +189,10 @@ class TrainOpModel:
         Returns:
             `aux` (None if `loss_fn` returned only the loss).
         """
+        return self._minimize(loss_fn)[0]
+
+    def _minimize(self, loss_fn):
+        """`minimize`, also returning the 1.0 / 0.0 "skipped" flag of the step."""
 
         def forward():
             result = loss_fn()
@@ -183,14 +200,19 @@ class TrainOpModel:
                 return result
             return result, None
 
-        aux = self.train_pipeline.run(
+        aux, skipped = self.train_pipeline.run(
             forward,
             candidates=lambda: self._selected_variables(),
             state_variables=self.non_trainable_weights,
         )
         # A model built by its first step has just built its transforms too.
         self._track_transform_state()
-        return aux
+        tracker = getattr(self, "skipped_steps_tracker", None)
+        if tracker is not None and self.train_options.numerics.skip:
+            # Every replica reports the same skip; the metric sums replicas.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            tracker.update_state(skipped / replicas)
+        return aux, skipped
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -201,13 +223,28 @@ class TrainOpModel:
             else:
                 y_pred = self(x)
             loss = private.compute_loss(self, x, y, y_pred, sample_weight)
+            return loss, (y_pred, loss)
+
+        (y_pred, loss), skipped = self._minimize(loss_fn)
+
+        def update_metrics():
             private.loss_tracker(self).update_state(
                 _unscale_for_distribution(loss), sample_weight=_batch_size(x)
             )
-            return loss, y_pred
+            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-        y_pred = self.minimize(loss_fn)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if not self.train_options.numerics.skip:
+            return update_metrics()
+        # A skipped batch stays out of the loss and the metrics: one nan would
+        # otherwise turn the epoch's mean into nan.
+        tf.cond(skipped > 0, lambda: tf.constant(0), lambda: _then(update_metrics, 0))
+        return self.get_metrics_result()
+
+    def test_step(self, data):
+        logs = super().test_step(data)
+        # A training counter: not a validation metric.
+        logs.pop("skipped_steps", None)
+        return logs
 
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:

@@ -1,25 +1,184 @@
 """Finiteness: block a non-finite step before it reaches any variable, then say so.
 
 `tf.debugging.check_numerics` is not enough: in TF1 graph mode it did not
-block the update, and under XLA it is silently dropped. keras_trainop instead
-computes one finiteness flag, runs the whole update under
-`tf.cond(flag, update, record_failure)`, and raises `NonFiniteError` after
-the step:
+block the update, and under XLA it is silently dropped. keras_trainop computes
+one finiteness flag per step (the loss, and with `check_numerics="all"` or the
+skip policy every gradient, in one fused reduction) and then:
 
-- eagerly and in graph mode, an in-graph `tf.debugging.Assert` raises at the
-  failing step (no host synchronisation on the success path);
-- under XLA, where `Assert` is dropped too, the failing step is recorded in a
-  variable, every later step of the same execution is blocked as well, and
-  the caller reads the record after each call (`raise_if_failed`).
+- raise policy, eager and graph mode: every op of the update has a control
+  dependency on an in-graph `tf.debugging.Assert` of the flag, so a failing
+  step stops before any update runs. No `tf.cond` is on the success path: a
+  check of the loss alone costs nothing, and the update of one variable may
+  still start while other gradients are being computed.
+- XLA, where `Assert` is dropped, and the skip policy: the update runs under
+  `tf.cond(flag, update, on_failure)`. Under XLA the failing step is recorded
+  in a variable, every later step of the same execution is blocked too, and
+  the caller reads the record after the call (`raise_if_failed`).
+
+On failure, state the forward pass changed (BatchNormalization statistics) is
+put back, and which gradients were non-finite is worked out then, not on the
+success path.
 """
 
 import weakref
 
+import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_trainop import _keras_private as private
 
 _MARKER = "keras_trainop: non-finite training step"
+
+# What a failure record says (`FailureGuard.what`).
+_LOSS, _GRADIENTS, _CONSECUTIVE = 1, 2, 4
+
+
+class SkipNonFinite:
+    """`check_numerics` policy: skip non-finite steps and go on training.
+
+    A step whose loss or any gradient is inf or nan applies no update (weights,
+    optimizer slots and `iterations` unchanged). `TrainOpModel` reports the
+    number of skipped steps of the epoch in the logs as `skipped_steps`.
+
+    Args:
+        max_consecutive: None, or a positive int: after this many consecutive
+            skipped steps, the next non-finite step raises `NonFiniteError`.
+    """
+
+    def __init__(self, max_consecutive=None):
+        if max_consecutive is not None and not (
+            isinstance(max_consecutive, int)
+            and not isinstance(max_consecutive, bool)
+            and max_consecutive >= 1
+        ):
+            raise ValueError(
+                "`max_consecutive` must be None or an int >= 1. "
+                f"Received: max_consecutive={max_consecutive!r}"
+            )
+        self.max_consecutive = max_consecutive
+
+    def __repr__(self):
+        return f"SkipNonFinite(max_consecutive={self.max_consecutive!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, SkipNonFinite) and other.max_consecutive == self.max_consecutive
+
+    def __hash__(self):
+        return hash((SkipNonFinite, self.max_consecutive))
+
+    def get_config(self):
+        return {"max_consecutive": self.max_consecutive}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+keras.saving.register_keras_serializable(package="keras_trainop")(SkipNonFinite)
+
+
+class NumericsPolicy:
+    """What `check_numerics` asks for, resolved from its accepted values.
+
+    Accepted: False; True or "loss" (TF1: check the loss, raise); "all" (check
+    the loss and every gradient, raise naming the variables); "skip" or a
+    `SkipNonFinite` (check both, skip the step, go on).
+    """
+
+    def __init__(self, value):
+        self.value = value
+        if value is False:
+            self.check_loss = self.check_gradients = self.skip = False
+        elif value is True or value == "loss":
+            self.check_loss, self.check_gradients, self.skip = True, False, False
+        elif value == "all":
+            self.check_loss, self.check_gradients, self.skip = True, True, False
+        elif value == "skip" or isinstance(value, SkipNonFinite):
+            self.check_loss, self.check_gradients, self.skip = True, True, True
+        else:
+            raise ValueError(
+                "`check_numerics` must be False, True, \"loss\", \"all\", \"skip\" or "
+                f"a kt.SkipNonFinite(...). Received: check_numerics={value!r}"
+            )
+        self.max_consecutive = value.max_consecutive if isinstance(value, SkipNonFinite) else None
+
+    @property
+    def enabled(self):
+        return self.check_loss
+
+
+class NonFiniteError(tf.errors.InvalidArgumentError):
+    """A training step met an inf or nan; its update was not applied.
+
+    A subclass of `tf.errors.InvalidArgumentError`, the error TF1's
+    `check_numerics` raised, so existing `except` clauses keep working.
+
+    Attributes:
+        step: the 1-based number of the failing step (`optimizer.iterations`
+            after the step, had it been applied).
+        what: what was not finite: `"loss"`, `"gradients"`, or both.
+        variables: the `variable.path`s whose gradients were not finite.
+    """
+
+    def __init__(self, step, what="loss", variables=(), consecutive=None, cause=None):
+        self.step = step
+        self.what = what
+        self.variables = list(variables)
+        if consecutive is not None:
+            message = (
+                f"keras_trainop: {consecutive} consecutive steps had an inf or nan "
+                f"{what} and were skipped (SkipNonFinite(max_consecutive="
+                f"{consecutive - 1})); the last was step {step}, whose update was not "
+                "applied."
+            )
+        else:
+            message = (
+                f"keras_trainop: the {describe(what, variables)} inf or nan at step "
+                f"{step}. The update of step {step} was not applied: weights, "
+                "optimizer state and `iterations` are as they were before it."
+            )
+        super().__init__(None, None, message)
+        self.__cause__ = cause
+
+
+def describe(what, variables):
+    """ "loss is", "gradients of 'a', 'b' are", ... for the error message."""
+    names = ", ".join(repr(v) for v in variables)
+    grads = f"gradients of {names} are" if names else "gradients are"
+    if what == "loss":
+        return "loss is"
+    if what == "gradients":
+        return grads
+    return f"loss and the {grads}"
+
+
+def all_finite(tensors):
+    """A scalar bool tensor: True when every element of every tensor is finite."""
+    flags = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors]
+    return flags[0] if len(flags) == 1 else tf.reduce_all(tf.stack(flags))
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _fused_all_finite(tensors):
+    # One XLA kernel, whatever the number of tensors: a flattened view of
+    # each, one concatenation per dtype (no cast: a large float64 value must
+    # not become inf) and one reduction, fused.
+    by_dtype = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(tf.reshape(t, [-1]))
+    flags = [tf.reduce_all(tf.math.is_finite(tf.concat(group, 0))) for group in by_dtype.values()]
+    return tf.reduce_all(tf.stack(flags))
+
+
+def gradients_finite(grads):
+    """One fused check that every gradient is finite (None gradients ignored)."""
+    values = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads if g is not None]
+    if not values:
+        return tf.constant(True)
+    if tf.executing_eagerly():
+        return all_finite(values)
+    return _fused_all_finite(values)
 
 
 def _cross_replica_cond(ok, true_fn, false_fn, args):
@@ -42,46 +201,29 @@ def _cross_replica_cond(ok, true_fn, false_fn, args):
     tf.distribute.get_replica_context().merge_call(cross_replica, args=(ok, args))
 
 
-class NonFiniteError(tf.errors.InvalidArgumentError):
-    """A training step met an inf or nan; its update was not applied.
-
-    A subclass of `tf.errors.InvalidArgumentError`, the error TF1's
-    `check_numerics` raised, so existing `except` clauses keep working.
-
-    Attributes:
-        step: the 1-based number of the failing step (`optimizer.iterations`
-            after the step, had it been applied).
-        what: what was not finite, e.g. `"loss"`.
-    """
-
-    def __init__(self, step, what="loss", cause=None):
-        self.step = step
-        self.what = what
-        message = (
-            f"keras_trainop: the {what} is inf or nan at step {step}. The update of "
-            f"step {step} was not applied: weights, optimizer state and "
-            "`iterations` are as they were before it."
-        )
-        super().__init__(None, None, message)
-        self.__cause__ = cause
-
-
-def all_finite(tensors):
-    """A scalar bool tensor: True when every element of every tensor is finite."""
-    flags = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors]
-    return flags[0] if len(flags) == 1 else tf.reduce_all(tf.stack(flags))
-
-
 _GUARDS = weakref.WeakKeyDictionary()
 
 
-class FailureGuard:
-    """Records the failing step and turns it into a `NonFiniteError`.
+def _state_variable(value, dtype, name):
+    with tf.init_scope():
+        return tf.Variable(
+            value,
+            dtype=dtype,
+            trainable=False,
+            name=name,
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
 
-    The record is a non-trainable int64 variable outside the model's weights:
-    0 when no step failed, else the number of the failing step. There is one
-    guard per optimizer (`FailureGuard.for_optimizer`), so that a step traced
-    again (as `tf.function` does) reuses its variable instead of creating one.
+
+class FailureGuard:
+    """Runs an update only on finite steps; records failures and skips.
+
+    Its variables live outside the model's weights: `failed_step` (0, or the
+    step that failed), `failed_what` (bits: loss 1, gradients 2, consecutive
+    limit 4), per-size gradient flags, and for the skip policy `skipped_total`
+    and `consecutive`. There is one guard per optimizer
+    (`FailureGuard.for_optimizer`), so that a step traced again (as
+    `tf.function` does) reuses them instead of creating new ones.
     """
 
     @classmethod
@@ -92,81 +234,185 @@ class FailureGuard:
         return guard
 
     def __init__(self):
-        with tf.init_scope():
-            self.failed_step = tf.Variable(
-                0,
-                dtype=tf.int64,
-                trainable=False,
-                name="keras_trainop_failed_step",
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-            )
+        self.failed_step = _state_variable(0, tf.int64, "keras_trainop_failed_step")
+        self.failed_what = _state_variable(0, tf.int32, "keras_trainop_failed_what")
+        self.skipped_total = _state_variable(0, tf.int64, "keras_trainop_skipped_steps")
+        self.consecutive = _state_variable(0, tf.int64, "keras_trainop_consecutive_skips")
+        self._flags = {}
+        self.names = []
+        self.max_consecutive = None
 
-    def guard(self, finite, step, update, restore=None, args=(), in_xla=False):
-        """Runs `update(*args)` only if `finite` (under XLA: and no step failed before).
+    def _flag_variable(self, size):
+        if size not in self._flags:
+            self._flags[size] = _state_variable(
+                np.zeros([size], bool), tf.bool, "keras_trainop_bad_gradients"
+            )
+        return self._flags[size]
+
+    def guard(
+        self,
+        policy,
+        loss,
+        grads,
+        names,
+        step,
+        update,
+        restore=None,
+        args=(),
+        in_xla=False,
+        restore_where=None,
+    ):
+        """Runs `update(*args)` only if the step is finite, as `policy` asks.
 
         Args:
-            finite: scalar bool tensor.
+            policy: the `NumericsPolicy`.
+            loss: the unscaled scalar loss.
+            grads: the gradients to check (None entries allowed), if the
+                policy checks gradients; their names are `names`.
+            names: the `variable.path` of each gradient, for the error.
             step: int64 scalar, the number of this step.
             update: callable doing the whole update from `args`.
-            restore: optional callable run with `args` instead, on failure
+            restore: optional callable run with `args` on failure instead
                 (puts back state that the forward pass changed).
-            args: the tensors `update` and `restore` work on. They are passed
-                explicitly because under a distribution strategy both run once
-                per replica, each on its own replica's values.
-            in_xla: whether the step is being compiled by XLA, where
-                `Assert` does nothing.
-        """
-        if private.needs_merge_call():
-            # Every replica must take the same branch: finite only if all are.
-            context = tf.distribute.get_replica_context()
-            bad = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(~finite, tf.int32))
-            finite = tf.equal(bad, 0)
-        ok = finite
-        if in_xla:
-            # Nothing raises inside XLA: later steps of the same call must not
-            # apply either, until the caller has read the record.
-            ok = tf.logical_and(finite, tf.equal(self.failed_step, 0))
+            restore_where: the same as `restore_where(ok, *args)`, written
+                with `tf.where` (no control flow), returning its assign ops.
+            args: the tensors `update` and `restore` work on, passed explicitly
+                because under a distribution strategy both may run per replica.
+            in_xla: whether the step is compiled by XLA, where `Assert` does
+                nothing.
 
-        def on_failure(*args):
+        Returns:
+            A float32 scalar: 1.0 if the step was skipped, else 0.0.
+        """
+        present = [i for i, g in enumerate(grads) if g is not None]
+        checked = [_values(grads[i]) for i in present] if policy.check_gradients else []
+        loss_ok = all_finite([loss])
+        ok = tf.logical_and(loss_ok, gradients_finite(checked)) if checked else loss_ok
+        merge = private.needs_merge_call()
+        if merge:
+            # Every replica must take the same decision: finite only if all are.
+            context = tf.distribute.get_replica_context()
+            bad = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(~ok, tf.int32))
+            ok = tf.equal(bad, 0)
+        self.names = list(names)
+        self.max_consecutive = policy.max_consecutive
+        flags = self._flag_variable(len(names)) if checked else None
+        update_args = len(args)
+        # Under a strategy each branch runs once per replica: everything it
+        # reads travels as an argument, never through a closure.
+        args = tuple(args) + (loss_ok, ok, tuple(checked))
+
+        def on_failure(*all_args):
+            args, (loss_ok, ok, checked) = all_args[:update_args], all_args[update_args:]
             if restore is not None:
                 restore(*args)
+            failed = tf.logical_not(ok)  # False for a step blocked by an earlier failure
+            what = tf.where(loss_ok, 0, _LOSS)
+            if checked:
+                bad = [tf.logical_not(all_finite([g])) for g in checked]
+                what += tf.where(tf.reduce_any(tf.stack(bad)), _GRADIENTS, 0)
+            if policy.skip:
+                self.skipped_total.assign_add(tf.cast(failed, tf.int64))
+                self.consecutive.assign_add(tf.cast(failed, tf.int64))
+                if policy.max_consecutive is None:
+                    return
+                over = self.consecutive > policy.max_consecutive
+                what = tf.where(over, what + _CONSECUTIVE, what)
+                failed = tf.logical_and(failed, over)
+            # Under XLA keep the first failure of the call (later steps were
+            # blocked because of it); elsewhere this step raises now.
+            write = tf.logical_and(failed, tf.logical_or(tf.equal(self.failed_step, 0), not in_xla))
+            self.failed_step.assign(tf.where(write, step, self.failed_step))
+            self.failed_what.assign(tf.where(write, what, self.failed_what))
+            if checked:
+                flag_list = [tf.constant(False)] * len(names)
+                for i, flag in zip(present, bad):
+                    flag_list[i] = flag
+                flags.assign(tf.where(write, tf.stack(flag_list), flags))
+
+        def on_success(*all_args):
+            update(*all_args[:update_args])
+            if policy.skip:
+                self.consecutive.assign(0)
+
+        if policy.skip or in_xla:
+            gate = ok
             if in_xla:
-                # Keep the first failure of the call: the later steps were
-                # blocked because of it.
-                return tf.where(tf.equal(self.failed_step, 0), step, self.failed_step)
-            # The Assert below raises now; a record left over from a failure
-            # caught inside the user's own tf.function must not win.
-            return step
+                # Nothing raises inside XLA: no later step of the same call may
+                # apply until the caller has read the record.
+                gate = tf.logical_and(ok, tf.equal(self.failed_step, 0))
+            if merge:
+                _cross_replica_cond(gate, on_success, on_failure, args)
+            else:
+                tf.cond(gate, lambda: on_success(*args), lambda: on_failure(*args))
+            if not in_xla and policy.skip and policy.max_consecutive is not None:
+                with tf.control_dependencies([self.consecutive.read_value()]):
+                    tf.debugging.Assert(
+                        self.consecutive <= policy.max_consecutive,
+                        [_MARKER, "(inf or nan) consecutive skips up to step", _for_message(step)],
+                    )
+            return 1.0 - tf.cast(ok, tf.float32)
 
-        def record_failure(*args):
-            self.failed_step.assign(on_failure(*args))
-
-        if private.needs_merge_call():
-            _cross_replica_cond(ok, update, record_failure, args)
+        # Raise policy, eager or graph: the update waits for the assertion.
+        if not checked and not merge:
+            # The loss alone: no tf.cond on the way to the update (it would hold
+            # every update back); the record and the state are rewritten with
+            # `where`, a few cheap ops.
+            failure = self._record_without_cond(ok, loss_ok, step, restore_where, args[:update_args])
+        elif merge:
+            # Writing the record syncs replicas: not inside a replica-context cond.
+            _cross_replica_cond(ok, lambda *a: None, on_failure, args)
+            failure = self.failed_step.read_value()
         else:
-            tf.cond(ok, lambda: update(*args), lambda: record_failure(*args))
-        if not in_xla:
-            with tf.control_dependencies([self.failed_step.read_value()]):
-                tf.debugging.Assert(finite, [_MARKER, "(inf or nan) at step", step])
+            failure = tf.cond(ok, lambda: tf.constant(0), lambda: _then_zero(on_failure, args))
+        with tf.control_dependencies([failure]):
+            check = tf.debugging.Assert(ok, [_MARKER, "(inf or nan) at step", _for_message(step)])
+        with tf.control_dependencies([check]):
+            update(*args[:update_args])
+        return tf.constant(0.0)
+
+    def _record_without_cond(self, ok, loss_ok, step, restore_where, args):
+        ops = [
+            self.failed_step.assign(tf.where(ok, self.failed_step, step)),
+            self.failed_what.assign(tf.where(ok, self.failed_what, tf.where(loss_ok, 0, _LOSS))),
+        ]
+        if restore_where is not None:
+            ops.extend(restore_where(ok, *args))
+        return tf.group(ops)
 
     def take_failure(self):
-        """Returns the recorded failing step (0 if none) and clears the record."""
+        """Returns `(step, what_bits, variable_names)` and clears the record."""
         step = int(self.failed_step.numpy())
-        if step:
-            self.failed_step.assign(0)
-        return step
+        if not step:
+            return 0, 0, []
+        what = int(self.failed_what.numpy())
+        names = []
+        if what & _GRADIENTS and len(self.names) in self._flags:
+            flags = self._flags[len(self.names)].numpy()
+            names = [n for n, bad in zip(self.names, flags) if bad]
+        self.failed_step.assign(0)
+        self.failed_what.assign(0)
+        return step, what, names
+
+    def _error(self, cause=None):
+        step, what, names = self.take_failure()
+        if not step:
+            return None
+        kinds = ("loss" if what & _LOSS else "") + (" gradients" if what & _GRADIENTS else "")
+        kinds = {"loss": "loss", " gradients": "gradients"}.get(kinds, "loss and gradients")
+        consecutive = self.max_consecutive + 1 if what & _CONSECUTIVE else None
+        return NonFiniteError(step, kinds, names, consecutive=consecutive, cause=cause)
 
     def raise_if_failed(self):
-        step = self.take_failure()
-        if step:
-            raise NonFiniteError(step)
+        error = self._error()
+        if error is not None:
+            raise error
 
     def translate(self, error):
         """Turns the `Assert` error of a failed step into a `NonFiniteError`."""
         if _MARKER not in str(error):
             return error
-        step = self.take_failure()
-        return NonFiniteError(step, cause=error)
+        return self._error(cause=error) or error
 
     def wrap(self, function, host_check):
         """Wraps a train function so that a failed step raises `NonFiniteError`.
@@ -191,3 +437,18 @@ class FailureGuard:
 
         checked.__wrapped__ = function
         return checked
+
+
+def _for_message(step):
+    # String and int32 data keep `Assert` a single op: with any other dtype TF
+    # wraps it in a tf.cond ("AssertGuard"), which would hold back the update.
+    return tf.cast(step, tf.int32)
+
+
+def _values(grad):
+    return grad.values if isinstance(grad, tf.IndexedSlices) else grad
+
+
+def _then_zero(fn, args):
+    fn(*args)
+    return tf.constant(0)

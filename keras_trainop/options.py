@@ -10,6 +10,8 @@ import re
 
 import tensorflow as tf
 
+from keras_trainop.numerics import NumericsPolicy
+
 # The values of `tf.compat.v1.train.Optimizer.GATE_*`.
 GATE_NONE = 0
 GATE_OP = 1
@@ -195,7 +197,8 @@ class TrainOptions:
         aggregation_method: a `tf.AggregationMethod` value or None.
         gate_gradients: `GATE_NONE`, `GATE_OP` or `GATE_GRAPH`.
         colocate_gradients_with_ops: accepted for TF1 code; no effect in TF2.
-        check_numerics: whether a non-finite loss stops training.
+        check_numerics: False, True / "loss", "all", "skip" or a
+            `SkipNonFinite` (see `NumericsPolicy`).
         update_ops: None or a list of zero-argument callables.
         variables_to_train: None, a callable, or a list of variables and/or
             regular expressions searched in `variable.path`.
@@ -226,7 +229,8 @@ class TrainOptions:
         self.colocate_gradients_with_ops = validate_bool(
             "colocate_gradients_with_ops", colocate_gradients_with_ops
         )
-        self.check_numerics = validate_bool("check_numerics", check_numerics)
+        self.numerics = NumericsPolicy(check_numerics)
+        self.check_numerics = check_numerics
         self.update_ops = validate_update_ops(update_ops)
         self.variables_to_train = validate_variables_to_train(variables_to_train)
         self.summarize_gradients = validate_bool(

@@ -95,7 +95,7 @@ class StepPipeline:
         self.options = options
         self.optimizer = optimizer
         self.guard = (
-            numerics.FailureGuard.for_optimizer(optimizer) if options.check_numerics else None
+            numerics.FailureGuard.for_optimizer(optimizer) if options.numerics.enabled else None
         )
         self.warned = set()
         self.selected = None  # the variables to train, once resolved
@@ -141,7 +141,11 @@ class StepPipeline:
     # -- the step ---------------------------------------------------------
 
     def run(self, forward, candidates=None, state_variables=()):
-        """Runs one step: forward, gradients, update. Returns forward's aux output.
+        """Runs one step: forward, gradients, update.
+
+        Returns:
+            `(aux, skipped)`: forward's aux output, and a float32 scalar that is
+            1.0 if the step was skipped (`SkipNonFinite`), else 0.0.
 
         Args:
             forward: zero-argument callable returning `(loss, aux)`: the
@@ -171,7 +175,7 @@ class StepPipeline:
             tape, scaled_loss, variables, self.options, self.warned
         )
 
-        restore = None
+        restore = restore_where = None
         if snapshot is not None:
 
             def restore(grads_and_vars, saved):
@@ -179,10 +183,23 @@ class StepPipeline:
                 for var, value in zip(state_variables, saved):
                     var.assign(value)
 
-        self.update(loss, list(zip(grads, variables)), restore=restore, snapshot=snapshot)
-        return aux
+            def restore_where(ok, grads_and_vars, saved):
+                del grads_and_vars
+                return [
+                    var.assign(tf.where(ok, tf.convert_to_tensor(var), value))
+                    for var, value in zip(state_variables, saved)
+                ]
 
-    def update(self, loss, grads_and_vars, restore=None, snapshot=None):
+        skipped = self.update(
+            loss,
+            list(zip(grads, variables)),
+            restore=restore,
+            restore_where=restore_where,
+            snapshot=snapshot,
+        )
+        return aux, skipped
+
+    def update(self, loss, grads_and_vars, restore=None, restore_where=None, snapshot=None):
         """Stages 5 to 11 on gradients of the (scaled) loss.
 
         Args:
@@ -190,7 +207,12 @@ class StepPipeline:
             grads_and_vars: `(gradient, variable)` pairs of the scaled loss.
             restore: optional `restore(grads_and_vars, snapshot)`, run instead
                 of the update when the step is blocked.
+            restore_where: the same as `restore_where(ok, grads_and_vars,
+                snapshot)`, without control flow.
             snapshot: the values `restore` puts back.
+
+        Returns:
+            A float32 scalar: 1.0 if the step was skipped, else 0.0.
         """
         in_xla = private.in_xla_context()
         opt = self.optimizer
@@ -201,6 +223,7 @@ class StepPipeline:
             opt.build(variables)
         step = tf.cast(tf.convert_to_tensor(opt.iterations), tf.int64) + 1
 
+        raw = list(grads_and_vars)
         lso = is_loss_scale_optimizer(opt)
         reads_gradients = bool(options.transforms) or options.summarize_gradients
         rescale = None
@@ -237,9 +260,23 @@ class StepPipeline:
         args = (grads_and_vars, snapshot)
         if self.guard is None:
             apply_update(*args)
-        else:
-            finite = numerics.all_finite([loss])
-            self.guard.guard(finite, step, apply_update, restore=restore, args=args, in_xla=in_xla)
+            return tf.constant(0.0)
+        # Gradients are checked raw, before any transform could hide an inf.
+        # Under a loss-scale optimizer an overflow is the optimizer's business:
+        # it skips the step and halves the scale, as in plain Keras.
+        checked = [] if lso else raw
+        return self.guard.guard(
+            options.numerics,
+            loss,
+            [g for g, _ in checked],
+            [summaries.variable_name(v) for _, v in checked],
+            step,
+            apply_update,
+            restore=restore,
+            args=args,
+            in_xla=in_xla,
+            restore_where=restore_where,
+        )
 
     def _unscale(self, grads_and_vars):
         """True-scale gradients for transforms, and the function that scales back.

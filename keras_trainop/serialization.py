@@ -14,6 +14,7 @@ import warnings
 
 import keras
 
+from keras_trainop.numerics import SkipNonFinite
 from keras_trainop.options import USE_GLOBAL_STEP
 from keras_trainop.summaries import variable_name
 
@@ -76,7 +77,9 @@ def serialize_options(options, trainable_variables):
         "aggregation_method": options.aggregation_method,
         "gate_gradients": options.gate_gradients,
         "colocate_gradients_with_ops": options.colocate_gradients_with_ops,
-        "check_numerics": options.check_numerics,
+        "check_numerics": keras.saving.serialize_keras_object(options.check_numerics)
+        if isinstance(options.check_numerics, SkipNonFinite)
+        else options.check_numerics,
         "summarize_gradients": options.summarize_gradients,
     }
     if options.transform_grads_fn is not None:
@@ -132,6 +135,8 @@ def deserialize_options(config, trainable_variables):
     for name in ("grad_transforms", "update_ops"):
         if name in saved:
             saved[name] = [load(v) for v in saved[name]]
+    if isinstance(saved.get("check_numerics"), dict):
+        saved["check_numerics"] = load(saved["check_numerics"])
     selection = saved.get("variables_to_train")
     if isinstance(selection, dict):
         saved["variables_to_train"] = load(selection)

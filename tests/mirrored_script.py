@@ -65,6 +65,30 @@ def main():
         [v.numpy() for v in model.optimizer.variables],
         [v.numpy() for v in reference.optimizer.variables],
     )
+    # check_numerics="skip": the bad step is skipped on every replica, counted once.
+    from test_numerics import model as poisonable_model
+    from test_numerics import poison
+
+    def poisonable(policy):
+        with strategy.scope():
+            m = poisonable_model()
+            m.compile(keras.optimizers.SGD(0.05, momentum=0.9), "mse", check_numerics=policy)
+        return m
+
+    skipper, reference = poisonable("skip"), poisonable("skip")
+    history = skipper.fit(*poison(x, y, 1, "nan_y"), batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    rows = np.r_[0:BATCH, 2 * BATCH : 4 * BATCH]
+    fit(reference, x[rows], y[rows])
+    results["skip_history"] = history.history["skipped_steps"]
+    results["skip_diff"] = max_abs_diff(skipper.get_weights(), reference.get_weights())
+
+    # check_numerics="all": a non-finite gradient of one layer is named.
+    checker = poisonable("all")
+    try:
+        fit(checker, *poison(x, y, 2, "gradient"))
+        results["all_error"] = None
+    except kt.NonFiniteError as e:
+        results["all_error"] = [e.step, e.what, e.variables]
     print(json.dumps(results))
 
 

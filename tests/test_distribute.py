@@ -39,3 +39,13 @@ def test_non_finite_step_is_blocked_on_every_replica(mirrored):
     # Oracle: the same model trained on the two good batches only (BN statistics included).
     assert mirrored["blocked_diff"] == 0
     assert mirrored["blocked_slots_diff"] == 0
+
+
+def test_skip_policy_under_mirrored(mirrored):
+    assert mirrored["skip_history"] == [1.0]
+    # Oracle: the same model trained on the good batches only.
+    assert mirrored["skip_diff"] == 0
+
+
+def test_all_policy_names_the_gradient_under_mirrored(mirrored):
+    assert mirrored["all_error"] == [3, "gradients", ["poisonable/kernel"]]

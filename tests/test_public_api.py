@@ -2,7 +2,7 @@ import keras_trainop as kt
 
 PUBLIC = {
     "GATE_GRAPH", "GATE_NONE", "GATE_OP", "USE_GLOBAL_STEP", "Model", "NonFiniteError",
-    "Sequential", "TrainOpModel", "add_gradients_summaries", "clip_gradient_norms",
+    "Sequential", "SkipNonFinite", "TrainOpModel", "add_gradients_summaries", "clip_gradient_norms",
     "clip_gradient_norms_fn", "create_train_op", "create_train_step", "multiply_gradients",
 }
 

@@ -1,0 +1,275 @@
+"""check_numerics policies: raise on the loss, raise naming gradients, skip; in every mode."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import MODES, max_abs_diff, mode_kwargs, optimizer_state, regression_data
+
+import keras_trainop as kt
+
+BATCH = 16
+SENTINEL = 7.0  # a finite input value that makes PoisonableScale's gradient nan
+
+
+class PoisonableScale(keras.layers.Layer):
+    """y = x * kernel, with a nan kernel gradient for any batch holding SENTINEL.
+
+    The loss stays finite: only this layer's gradient is not.
+    """
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="kernel")
+
+    def call(self, x):
+        bad = tf.reduce_any(tf.equal(x, SENTINEL))
+
+        @tf.custom_gradient
+        def scale(x, k):
+            def grad(dy):
+                dk = tf.reduce_sum(dy * x, axis=0)
+                return dy * k, tf.where(bad, tf.fill(tf.shape(dk), tf.constant(np.nan, dk.dtype)), dk)
+
+            return x * k, grad
+
+        return scale(x, tf.convert_to_tensor(self.kernel))  # a read: the gradient reaches the kernel
+
+
+def model(cls=kt.Model):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    h = PoisonableScale(name="poisonable")(inputs)
+    h = keras.layers.Dense(8, activation="tanh", name="hidden")(h)
+    return cls(inputs, keras.layers.Dense(1, name="out")(h))
+
+
+def compiled(mode, check_numerics, steps_per_execution=1, loss="mse"):
+    m = model()
+    m.compile(
+        keras.optimizers.Adam(0.01),
+        loss,
+        check_numerics=check_numerics,
+        steps_per_execution=steps_per_execution,
+        **mode_kwargs(mode),
+    )
+    return m
+
+
+def fit(m, x, y, **kwargs):
+    return m.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, **kwargs)
+
+
+def batches(x, y, keep):
+    rows = np.concatenate([np.arange(b * BATCH, (b + 1) * BATCH) for b in keep])
+    return x[rows], y[rows]
+
+
+def poison(x, y, batch, how):
+    """A copy of the data where batch `batch` carries `how`: 'nan_y', 'inf_y', 'gradient'."""
+    x, y = x.copy(), y.copy()
+    row = batch * BATCH + 2
+    if how == "nan_y":
+        y[row] = np.nan
+    elif how == "inf_y":
+        y[row] = np.inf
+    else:
+        x[row, 0] = SENTINEL
+    return x, y
+
+
+INJECTIONS = ["nan_y", "inf_y", "gradient"]
+# A non-finite loss usually brings non-finite gradients with it: both are named.
+WHAT = {"nan_y": "loss and gradients", "inf_y": "loss and gradients", "gradient": "gradients"}
+
+
+# -- raise policies -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", INJECTIONS)
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+def test_all_names_what_was_not_finite_and_changes_nothing(mode, how, steps_per_execution):
+    x, y = regression_data(n=96)
+    bad_x, bad_y = poison(x, y, batch=3, how=how)  # the 4th step fails
+    m = compiled(mode, "all", steps_per_execution)
+    with pytest.raises(kt.NonFiniteError, match="inf or nan at step 4") as info:
+        fit(m, bad_x, bad_y)
+    error = info.value
+    assert (error.step, error.what) == (4, WHAT[how])
+    if how == "gradient":
+        assert error.variables == ["poisonable/kernel"]
+        assert "gradients of 'poisonable/kernel' are inf or nan" in str(error)
+    else:
+        assert "the loss and the gradients of" in str(error)
+    reference = compiled(mode, "all", steps_per_execution)
+    fit(reference, *batches(x, y, [0, 1, 2]))
+    assert int(m.optimizer.iterations) == 3
+    assert max_abs_diff(m.get_weights(), reference.get_weights()) == 0
+    assert max_abs_diff(optimizer_state(m), optimizer_state(reference)) == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_loss_policy_does_not_see_a_non_finite_gradient(mode):
+    # TF1's meaning of check_numerics=True: the loss only. The poisoned gradient
+    # goes through (and ruins the kernel), which is why "all" exists.
+    x, y = regression_data()
+    m = compiled(mode, True)
+    # Step 2's nan gradient is applied; step 3's loss is then nan and raises.
+    with pytest.raises(kt.NonFiniteError, match="the loss is inf or nan at step 3"):
+        fit(m, *poison(x, y, batch=1, how="gradient"))
+    assert np.isnan(m.get_layer("poisonable").kernel.numpy()).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_loss_from_the_loss_function(mode):
+    x, y = regression_data()
+
+    def log_loss(y_true, y_pred):
+        # log of a negative number for the batch whose target is -1000.
+        return tf.reduce_mean(tf.math.log(y_true + 1000.5) + tf.square(y_true - y_pred))
+
+    y = y.copy()
+    y[BATCH + 4] = -1001.0  # 2nd step: log(-0.5) = nan
+    m = compiled(mode, "all", loss=log_loss)
+    reference = compiled(mode, "all", loss=log_loss)
+    # The nan term does not depend on the prediction: the gradients stay finite.
+    with pytest.raises(kt.NonFiniteError, match="the loss is inf or nan at step 2"):
+        fit(m, x, y)
+    fit(reference, x[:BATCH], y[:BATCH])
+    assert int(m.optimizer.iterations) == 1
+    assert max_abs_diff(m.get_weights(), reference.get_weights()) == 0
+
+
+# -- skip policy ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+def test_skip_policy_skips_bad_steps_and_counts_them(mode, steps_per_execution):
+    x, y = regression_data(n=96)  # 6 steps
+    bad_x, bad_y = poison(x, y, batch=1, how="nan_y")
+    bad_x, bad_y = poison(bad_x, bad_y, batch=4, how="gradient")
+    m = compiled(mode, "skip", steps_per_execution)
+    history = fit(m, bad_x, bad_y, validation_data=(x[:BATCH], y[:BATCH]))
+    assert history.history["skipped_steps"] == [2.0]
+    assert "val_skipped_steps" not in history.history
+    # Oracle: the same model trained on the good batches only.
+    reference = compiled(mode, "skip", steps_per_execution)
+    reference_history = fit(reference, *batches(x, y, [0, 2, 3, 5]))
+    # Skipped batches stay out of the loss: it is the loss of the good ones.
+    np.testing.assert_allclose(history.history["loss"], reference_history.history["loss"], rtol=1e-6)
+    assert int(m.optimizer.iterations) == 4
+    assert max_abs_diff(m.get_weights(), reference.get_weights()) == 0
+    assert max_abs_diff(optimizer_state(m), optimizer_state(reference)) == 0
+    # The count is per epoch, like every Keras metric.
+    assert fit(m, x, y).history["skipped_steps"] == [0.0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_skip_policy_raises_after_too_many_consecutive_skips(mode):
+    x, y = regression_data(n=96)
+    bad_x, bad_y = poison(x, y, batch=1, how="nan_y")
+    bad_x, bad_y = poison(bad_x, bad_y, batch=3, how="nan_y")  # not consecutive: fine
+    m = compiled(mode, kt.SkipNonFinite(max_consecutive=1))
+    assert fit(m, bad_x, bad_y).history["skipped_steps"] == [2.0]
+    bad_x, bad_y = poison(x, y, batch=2, how="inf_y")
+    bad_x, bad_y = poison(bad_x, bad_y, batch=3, how="gradient")  # two in a row: 6+3, 6+4
+    with pytest.raises(kt.NonFiniteError, match="2 consecutive steps") as info:
+        fit(m, bad_x, bad_y)
+    # 4 updates in the first fit, 2 in this one, then two skipped attempts at
+    # update 7: skipped steps do not advance `iterations`.
+    assert info.value.step == 7
+    assert int(m.optimizer.iterations) == 6
+
+
+# -- functional API ---------------------------------------------------------------------
+
+FUNCTIONAL_MODES = {
+    "eager": lambda f: f,
+    "graph": tf.function,
+    "jit": lambda f: tf.function(f, jit_compile=True),
+}
+
+
+def linear_step(check_numerics):
+    w = keras.Variable(np.ones(2, "float32"), name="w")
+    b = keras.Variable(np.zeros(1, "float32"), name="b")
+    opt = keras.optimizers.SGD(0.1)
+
+    def loss(x, y):
+        return tf.reduce_mean(tf.square(tf.reduce_sum(w * x, axis=-1) + b - y))
+
+    step = kt.create_train_step(
+        loss, opt, check_numerics=check_numerics, variables_to_train=lambda: [w, b]
+    )
+    return step, w, b, opt
+
+
+def test_functional_all_names_the_gradient_eagerly():
+    step, w, b, opt = linear_step("all")
+    x = tf.constant([[1.0, np.inf]])  # the loss is inf, and w's gradient with it
+    with pytest.raises(kt.NonFiniteError, match="inf or nan at step 1") as info:
+        step(x, tf.constant([0.0]))
+    assert info.value.what == "loss and gradients" and "w" in info.value.variables
+    np.testing.assert_array_equal(w.numpy(), [1.0, 1.0])
+    assert int(opt.iterations) == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_functional_skip_counts_and_goes_on(mode):
+    step, w, b, opt = linear_step("skip")
+    run = FUNCTIONAL_MODES[mode](step)
+    good_x, y = tf.constant([[1.0, 2.0]]), tf.constant([1.0])
+    run(good_x, y)
+    run(tf.constant([[np.nan, 2.0]]), y)
+    run(good_x, y)
+    assert int(step.skipped_steps.numpy()) == 1
+    assert int(opt.iterations) == 2
+    # Oracle: two SGD steps on the good batch, by hand.
+    w_ref, b_ref = np.ones(2), np.zeros(1)
+    for _ in range(2):
+        err = (w_ref @ [1.0, 2.0] + b_ref - 1.0)[0]
+        w_ref, b_ref = w_ref - 0.1 * 2 * err * np.array([1.0, 2.0]), b_ref - 0.1 * 2 * err
+    np.testing.assert_allclose(w.numpy(), w_ref, rtol=1e-6)
+    np.testing.assert_allclose(b.numpy(), b_ref, rtol=1e-6)
+
+
+# -- mixed precision: an overflow is the loss-scale optimizer's business ------------------
+
+
+@pytest.fixture
+def mixed_float16():
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+def clip_by_value(grads_and_vars):
+    # Maps inf to +-0.1: would hide an overflow if it saw scaled gradients.
+    return [(None if g is None else tf.clip_by_value(g, -0.1, 0.1), v) for g, v in grads_and_vars]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("policy", ["all", "skip"])
+def test_loss_scale_overflow_is_skipped_not_reported(mode, policy, mixed_float16):
+    x, y = regression_data()
+    x = x * 30.0  # the first steps overflow float16 at the initial scale
+    ours = compiled(mode, policy)
+    keras.utils.set_random_seed(0)
+    theirs = model(keras.Model)
+    ours.compile(keras.optimizers.SGD(0.01), "mse", check_numerics=policy, transform_grads_fn=clip_by_value, **mode_kwargs(mode))
+    theirs.compile(keras.optimizers.SGD(0.01, clipvalue=0.1), "mse", **mode_kwargs(mode))
+    history = fit(ours, x, y)
+    fit(theirs, x, y)
+    # No error, the same skips and scale as plain Keras (which unscales, then clips).
+    scale = float(theirs.optimizer.dynamic_scale)
+    assert scale < 32768
+    assert float(ours.optimizer.dynamic_scale) == scale
+    assert int(ours.optimizer.iterations) == int(theirs.optimizer.iterations)
+    np.testing.assert_allclose(
+        np.concatenate([w.ravel() for w in ours.get_weights()]),
+        np.concatenate([w.ravel() for w in theirs.get_weights()]),
+        rtol=1e-3,
+        atol=1e-3,
+    )
+    assert history.history.get("skipped_steps", [0.0]) == [0.0]  # not counted as ours
