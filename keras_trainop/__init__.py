@@ -3,6 +3,7 @@
 Public names only; see README.md.
 """
 
+from keras_trainop.callbacks import GradientTensorBoard
 from keras_trainop.functional import add_gradients_summaries
 from keras_trainop.functional import clip_gradient_norms
 from keras_trainop.functional import clip_gradient_norms_fn
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GATE_GRAPH",
+    "GradientTensorBoard",
     "GATE_NONE",
     "GATE_OP",
     "USE_GLOBAL_STEP",

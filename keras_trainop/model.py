@@ -242,8 +242,9 @@ class TrainOpModel:
 
     def test_step(self, data):
         logs = super().test_step(data)
-        # A training counter: not a validation metric.
-        logs.pop("skipped_steps", None)
+        # Training counters and gradient norms: not validation metrics.
+        for name in ("skipped_steps", "grad_norm", "clipped_grad_norm"):
+            logs.pop(name, None)
         return logs
 
     def make_train_function(self, force=False):

@@ -99,6 +99,8 @@ class StepPipeline:
         )
         self.warned = set()
         self.selected = None  # the variables to train, once resolved
+        # Set by GradientTensorBoard: statistics to compute in the step.
+        self.telemetry = None
 
     # -- variables --------------------------------------------------------
 
@@ -225,12 +227,18 @@ class StepPipeline:
 
         raw = list(grads_and_vars)
         lso = is_loss_scale_optimizer(opt)
-        reads_gradients = bool(options.transforms) or options.summarize_gradients
+        telemetry = self.telemetry
+        if telemetry is not None and not (telemetry.active or telemetry.log_metrics):
+            telemetry = None
+        reads_gradients = (
+            bool(options.transforms) or options.summarize_gradients or telemetry is not None
+        )
         rescale = None
         if lso and reads_gradients:
             grads_and_vars, rescale = self._unscale(grads_and_vars)
 
         self.build_transforms(variables)
+        before = list(grads_and_vars)
         allowed = {id(v) for v in variables}
         for i, transform in enumerate(options.transforms):
             result = transform(list(grads_and_vars))
@@ -238,6 +246,8 @@ class StepPipeline:
 
         if options.summarize_gradients:
             self._summarize(grads_and_vars, step, in_xla)
+        if telemetry is not None:
+            telemetry.record(step, before, grads_and_vars, bool(options.transforms))
 
         if rescale is not None:
             grads_and_vars = rescale(grads_and_vars)

@@ -89,6 +89,27 @@ def main():
         results["all_error"] = None
     except kt.NonFiniteError as e:
         results["all_error"] = [e.step, e.what, e.variables]
+    # GradientTensorBoard: one record per step, of the reduced gradients.
+    import tempfile
+
+    from tensorboard.backend.event_processing import event_accumulator
+
+    logdir = tempfile.mkdtemp()
+    recorded = compiled(strategy, kt.Model)
+    recorded.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False,
+                 callbacks=[kt.GradientTensorBoard(logdir, update_freq=2)])
+    acc = event_accumulator.EventAccumulator(os.path.join(logdir, "train"), size_guidance={"tensors": 0})
+    acc.Reload()
+    events = acc.Tensors("global_norm/gradient_norm")
+    results["callback_steps"] = [e.step for e in events]
+    results["callback_first_norm"] = float(tf.make_ndarray(events[0].tensor_proto))
+    # Oracle: one device, same global batch: the gradient of step 2 by tape.
+    single = mlp(keras.Model)
+    single.compile(keras.optimizers.SGD(0.05, momentum=0.9), "mse")
+    single.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, verbose=0, shuffle=False)
+    with tf.GradientTape() as tape:
+        loss = keras.losses.MeanSquaredError()(y[BATCH : 2 * BATCH], single(x[BATCH : 2 * BATCH]))
+    results["single_device_norm"] = float(tf.linalg.global_norm(tape.gradient(loss, single.trainable_variables)))
     print(json.dumps(results))
 
 

@@ -49,3 +49,9 @@ def test_skip_policy_under_mirrored(mirrored):
 
 def test_all_policy_names_the_gradient_under_mirrored(mirrored):
     assert mirrored["all_error"] == [3, "gradients", ["poisonable/kernel"]]
+
+
+def test_gradient_tensorboard_records_the_reduced_gradients_once(mirrored):
+    assert mirrored["callback_steps"] == [2, 4]
+    # Oracle: the single-device gradient of the same global batch.
+    assert abs(mirrored["callback_first_norm"] - mirrored["single_device_norm"]) <= 1e-5 * mirrored["single_device_norm"]

@@ -1,0 +1,189 @@
+"""Gradient statistics computed inside the step, for `GradientTensorBoard`.
+
+The step computes, at steps that are multiples of `update_freq`, a histogram
+and a norm per gradient and the global norms before and after the transforms,
+with XLA-compatible ops, into variables. The host writes them after the call
+(`flush`), at the exact step. Only the train function that the callback runs
+when a record is due computes anything (`active`); the other is the plain step.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_trainop import _keras_private as private
+from keras_trainop import summaries
+
+
+def _variable(value, dtype, name):
+    with tf.init_scope():
+        return tf.Variable(
+            value,
+            dtype=dtype,
+            trainable=False,
+            name=name,
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+
+
+class GradientTelemetry:
+    """What the step records for the callback, and how the host writes it.
+
+    Args:
+        update_freq: record at steps that are multiples of this.
+        histograms: record a histogram per gradient.
+        norms: record a norm per gradient and the global norms.
+        log_metrics: also put the global norms of every step in the logs
+            (`grad_norm`, and `clipped_grad_norm` when transforms are set).
+        steps_per_call: the model's `steps_per_execution`.
+    """
+
+    def __init__(self, update_freq, histograms=True, norms=True, log_metrics=False, steps_per_call=1):
+        self.update_freq = update_freq
+        # One call of the train function may reach several multiples of
+        # update_freq (steps_per_execution > update_freq): keep a slot for each.
+        self.slots = -(-steps_per_call // update_freq) + 1
+        self.histograms = histograms
+        self.norms = norms
+        self.log_metrics = log_metrics
+        self._active = False
+        self.names = []
+        self.transformed = False
+        self.last_written = 0
+        self._state = None
+        self.norm_tracker = self.clipped_norm_tracker = None
+
+    # -- inside the step ------------------------------------------------------
+
+    @property
+    def active(self):
+        """True while the recording train function runs (and is traced).
+
+        A plain attribute, not a thread-local: MirroredStrategy traces the step
+        in one thread per replica.
+        """
+        return self._active
+
+    def activate(self, value):
+        self._active = value
+
+    def _variables(self, count):
+        if self._state is None or self._state["count"] != count:
+            k = self.slots
+            self._state = {
+                "count": count,
+                "step": _variable(np.zeros(k, np.int64), tf.int64, "keras_trainop_recorded_steps"),
+                "global": _variable(np.zeros((k, 2), np.float32), tf.float32, "keras_trainop_global_norms"),
+                "norms": _variable(np.zeros((k, count), np.float32), tf.float32, "keras_trainop_norms"),
+                "histograms": _variable(
+                    np.zeros((k, count, summaries.BUCKETS, 3), np.float32),
+                    tf.float32,
+                    "keras_trainop_histograms",
+                ),
+            }
+        return self._state
+
+    def record(self, step, before, after, transformed):
+        """Records statistics of this step if it is due (called by the pipeline).
+
+        Args:
+            step: int64 scalar, the number of updates including this one.
+            before: `(gradient, variable)` pairs before the transforms.
+            after: the pairs after the transforms.
+            transformed: whether there are transforms (a clipped norm exists).
+        """
+        before_norm = _global_norm(before)
+        after_norm = _global_norm(after) if transformed else before_norm
+        if self.log_metrics and self.norm_tracker is not None:
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            self.norm_tracker.update_state(before_norm, sample_weight=1.0 / replicas)
+            if transformed:
+                self.clipped_norm_tracker.update_state(after_norm, sample_weight=1.0 / replicas)
+        if not self.active:
+            return
+        pairs = [(g, v) for g, v in after if g is not None]
+        self.names = [summaries.variable_name(v) for _, v in pairs]
+        self.transformed = transformed
+        state = self._variables(len(pairs))
+        grads = [summaries.gradient_values(g) for g, _ in pairs]
+        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+            # Record the reduced gradients, as the optimizer will apply them:
+            # only the recording trace pays for this all-reduce.
+            before_norm, after_norm, grads = _reduced(before, pairs, transformed)
+
+        def write(step, before_norm, after_norm, grads):
+            slot = tf.cast((step // self.update_freq) % self.slots, tf.int32)
+
+            def put(name, value):
+                # (Variable.scatter_nd_update has no MirroredVariable version.)
+                var = state[name]
+                var.assign(tf.tensor_scatter_nd_update(var, [[slot]], [value]))
+
+            put("step", step)
+            put("global", tf.stack([before_norm, after_norm]))
+            if grads and self.norms:
+                put("norms", tf.stack([tf.norm(tf.cast(g, tf.float32)) for g in grads]))
+            if grads and self.histograms:
+                put("histograms", tf.stack([summaries.histogram_buckets(g) for g in grads]))
+
+        due = tf.equal(step % self.update_freq, 0)
+        args = (step, before_norm, after_norm, tuple(grads))
+        if private.needs_merge_call():
+            from keras_trainop.numerics import _cross_replica_cond
+
+            _cross_replica_cond(due, lambda *a: write(*a), lambda *a: None, args)
+        else:
+            tf.cond(due, lambda: _then_none(write, args), lambda: None)
+
+    # -- on the host ----------------------------------------------------------
+
+    def flush(self, writer):
+        """Writes the records not written yet, in step order. Returns the last step."""
+        if self._state is None:
+            return 0
+        state = self._state
+        steps = state["step"].numpy()
+        new = sorted((int(s), i) for i, s in enumerate(steps) if s > self.last_written)
+        if not new:
+            return 0
+        global_norms, norms = state["global"].numpy(), state["norms"].numpy()
+        histograms = state["histograms"].numpy() if self.histograms else None
+        for step, i in new:
+            with writer.as_default(step=step):
+                if self.norms:
+                    tf.summary.scalar("global_norm/gradient_norm", global_norms[i, 0])
+                    if self.transformed:
+                        tf.summary.scalar("global_norm/clipped_gradient_norm", global_norms[i, 1])
+                    for name, value in zip(self.names, norms[i]):
+                        tf.summary.scalar(f"{name}/gradient_norm", value)
+                if self.histograms:
+                    for name, buckets in zip(self.names, histograms[i]):
+                        summaries.write_histogram(f"{name}/gradient", buckets, step)
+        self.last_written = new[-1][0]
+        return self.last_written
+
+
+def _global_norm(pairs):
+    values = [tf.cast(summaries.gradient_values(g), tf.float32) for g, _ in pairs if g is not None]
+    return tf.linalg.global_norm(values) if values else tf.constant(0.0)
+
+
+def _reduced(before, after, transformed):
+    """Global norms and gradients summed over replicas (IndexedSlices made dense)."""
+    context = tf.distribute.get_replica_context()
+
+    def reduce(pairs):
+        dense = [tf.convert_to_tensor(g) for g, _ in pairs if g is not None]
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, dense) if dense else []
+
+    grads = reduce(after)
+    before_grads = reduce(before) if transformed else grads
+    return tf.linalg.global_norm(before_grads), tf.linalg.global_norm(grads), list(grads)
+
+
+def _then_none(fn, args):
+    fn(*args)
+
+
+def make_norm_trackers():
+    return keras.metrics.Mean(name="grad_norm"), keras.metrics.Mean(name="clipped_grad_norm")
