@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_trainop import _keras_private as private
+from keras_trainop.variables import state_variable
 
 _MARKER = "keras_trainop: non-finite training step"
 
@@ -204,17 +205,6 @@ def _cross_replica_cond(ok, true_fn, false_fn, args):
 _GUARDS = weakref.WeakKeyDictionary()
 
 
-def _state_variable(value, dtype, name):
-    with tf.init_scope():
-        return tf.Variable(
-            value,
-            dtype=dtype,
-            trainable=False,
-            name=name,
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-        )
-
-
 class FailureGuard:
     """Runs an update only on finite steps; records failures and skips.
 
@@ -234,17 +224,17 @@ class FailureGuard:
         return guard
 
     def __init__(self):
-        self.failed_step = _state_variable(0, tf.int64, "keras_trainop_failed_step")
-        self.failed_what = _state_variable(0, tf.int32, "keras_trainop_failed_what")
-        self.skipped_total = _state_variable(0, tf.int64, "keras_trainop_skipped_steps")
-        self.consecutive = _state_variable(0, tf.int64, "keras_trainop_consecutive_skips")
+        self.failed_step = state_variable(0, tf.int64, "keras_trainop_failed_step")
+        self.failed_what = state_variable(0, tf.int32, "keras_trainop_failed_what")
+        self.skipped_total = state_variable(0, tf.int64, "keras_trainop_skipped_steps")
+        self.consecutive = state_variable(0, tf.int64, "keras_trainop_consecutive_skips")
         self._flags = {}
         self.names = []
         self.max_consecutive = None
 
     def _flag_variable(self, size):
         if size not in self._flags:
-            self._flags[size] = _state_variable(
+            self._flags[size] = state_variable(
                 np.zeros([size], bool), tf.bool, "keras_trainop_bad_gradients"
             )
         return self._flags[size]

@@ -13,17 +13,7 @@ import tensorflow as tf
 
 from keras_trainop import _keras_private as private
 from keras_trainop import summaries
-
-
-def _variable(value, dtype, name):
-    with tf.init_scope():
-        return tf.Variable(
-            value,
-            dtype=dtype,
-            trainable=False,
-            name=name,
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-        )
+from keras_trainop.variables import state_variable
 
 
 class GradientTelemetry:
@@ -72,10 +62,10 @@ class GradientTelemetry:
             k = self.slots
             self._state = {
                 "count": count,
-                "step": _variable(np.zeros(k, np.int64), tf.int64, "keras_trainop_recorded_steps"),
-                "global": _variable(np.zeros((k, 2), np.float32), tf.float32, "keras_trainop_global_norms"),
-                "norms": _variable(np.zeros((k, count), np.float32), tf.float32, "keras_trainop_norms"),
-                "histograms": _variable(
+                "step": state_variable(np.zeros(k, np.int64), tf.int64, "keras_trainop_recorded_steps"),
+                "global": state_variable(np.zeros((k, 2), np.float32), tf.float32, "keras_trainop_global_norms"),
+                "norms": state_variable(np.zeros((k, count), np.float32), tf.float32, "keras_trainop_norms"),
+                "histograms": state_variable(
                     np.zeros((k, count, summaries.BUCKETS, 3), np.float32),
                     tf.float32,
                     "keras_trainop_histograms",

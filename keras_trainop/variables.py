@@ -7,6 +7,23 @@ import tensorflow as tf
 from keras_trainop.summaries import variable_name
 
 
+def state_variable(value, dtype, name):
+    """A non-trainable variable for keras_trainop's own bookkeeping.
+
+    Created under `tf.init_scope` (so also from inside a traced step), outside
+    the model's weights; under a distribution strategy, the first replica's
+    writes count.
+    """
+    with tf.init_scope():
+        return tf.Variable(
+            value,
+            dtype=dtype,
+            trainable=False,
+            name=name,
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+
+
 def _keys(variable):
     """Identity keys of a variable: itself, and the TF variable under a Keras one."""
     keys = {id(variable)}
