@@ -19,6 +19,7 @@ from keras_trainop.options import GATE_GRAPH
 from keras_trainop.options import GATE_NONE
 from keras_trainop.options import GATE_OP
 from keras_trainop.options import USE_GLOBAL_STEP
+from keras_trainop import transforms
 
 __version__ = "0.1.0"
 
@@ -39,4 +40,5 @@ __all__ = [
     "create_train_op",
     "create_train_step",
     "multiply_gradients",
+    "transforms",
 ]

@@ -29,15 +29,8 @@ from keras_trainop import gradients as gradients_lib
 from keras_trainop import numerics
 from keras_trainop import summaries
 from keras_trainop.options import USE_GLOBAL_STEP
+from keras_trainop.transforms.base import map_values
 from keras_trainop.variables import select_variables
-
-
-def _map_gradient(fn, grad):
-    if grad is None:
-        return None
-    if isinstance(grad, tf.IndexedSlices):
-        return tf.IndexedSlices(fn(grad.values), grad.indices, grad.dense_shape)
-    return fn(grad)
 
 
 def _control_inputs(outputs):
@@ -303,14 +296,14 @@ class StepPipeline:
         def divide(g):
             return g / tf.cast(scale, g.dtype)
 
-        unscaled = [(_map_gradient(divide, g), v) for g, v in grads_and_vars]
+        unscaled = [(map_values(divide, g), v) for g, v in grads_and_vars]
 
         def rescale(pairs):
             def back(g):
                 g = g * tf.cast(scale, g.dtype)
                 return tf.where(finite, g, tf.constant(float("nan"), g.dtype))
 
-            return [(_map_gradient(back, g), v) for g, v in pairs]
+            return [(map_values(back, g), v) for g, v in pairs]
 
         return unscaled, rescale
 

@@ -1,0 +1,229 @@
+"""`GradientTransform`, the base of the built-in transforms, and their shared helpers.
+
+A transform has TF1's `transform_grads_fn` contract: it takes a list of
+`(gradient, variable)` pairs (None gradients included) and returns a new list.
+It may change gradients or drop pairs, never add variables. Plain functions
+with that contract work wherever a transform does.
+"""
+
+import math
+import numbers
+import re
+import types
+import warnings
+
+import keras
+import tensorflow as tf
+
+from keras_trainop.summaries import gradient_values, variable_name
+
+PACKAGE = "keras_trainop"
+
+
+class GradientTransform:
+    """Base class of the built-in gradient transforms.
+
+    Subclasses implement `call(grads_and_vars)`, validate their arguments in
+    `__init__` and return them from `get_config()`. A stateful transform
+    overrides `build(variables)` to create its state as non-trainable
+    `keras.Variable`s, listed in `self.variables` (the model tracks them, so
+    they are saved and restored with it). `__call__` builds the transform
+    first if needed, as a Keras layer does.
+    """
+
+    built = False  # class defaults: a subclass need not call __init__
+
+    def __init__(self):
+        self.built = False
+        self._state = []
+
+    @property
+    def variables(self):
+        """The state variables (non-trainable), in a fixed order."""
+        return list(getattr(self, "_state", ()))
+
+    def build(self, variables):
+        """Creates the state for `variables` (a list); call it outside traced code."""
+        del variables
+        self.built = True
+
+    def add_state(self, name, dtype, initial_value=0):
+        """Creates, records and returns one scalar state variable."""
+        variable = keras.Variable(initial_value, dtype=dtype, trainable=False, name=name)
+        self._state = self.variables + [variable]
+        return variable
+
+    def __call__(self, grads_and_vars):
+        grads_and_vars = list(grads_and_vars)
+        if not self.built:
+            with tf.init_scope():
+                self.build([v for _, v in grads_and_vars])
+        return self.call(grads_and_vars)
+
+    def call(self, grads_and_vars):
+        """Returns the transformed list of `(gradient, variable)` pairs."""
+        raise NotImplementedError
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self._repr_config().items())
+        return f"{type(self).__name__}({args})"
+
+    def _repr_config(self):
+        return self.get_config()
+
+
+# -- gradients ----------------------------------------------------------------
+
+
+def compute_dtype(dtype):
+    """float32 for half-precision gradients (no overflow in sums of squares)."""
+    dtype = tf.as_dtype(dtype)
+    return tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
+
+
+# A gradient's values: `.values` for IndexedSlices, else the tensor.
+values_of = gradient_values
+
+
+def map_values(fn, grad):
+    """Applies `fn` to a gradient's values; IndexedSlices keep their indices."""
+    if grad is None:
+        return None
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(fn(grad.values), grad.indices, grad.dense_shape)
+    return fn(grad)
+
+
+def scale(grad, factor):
+    """`grad * factor` (factor cast to the gradient's dtype), sparse-preserving."""
+    return map_values(lambda g: g * tf.cast(factor, g.dtype), grad)
+
+
+def global_norm(grads):
+    """The L2 norm of all gradients together, as `tf.linalg.global_norm` computes it.
+
+    IndexedSlices count with their `.values`: duplicate indices are not summed
+    first (as in Keras's `global_clipnorm`, `tf.clip_by_global_norm` and TF1).
+    Half-precision gradients are summed in float32. One fused `l2_loss`
+    kernel per tensor: cheaper than Keras's square-then-sum, equal up to
+    float rounding.
+    """
+    values = [values_of(g) for g in grads if g is not None]
+    dtype = tf.float64 if any(v.dtype == tf.float64 for v in values) else tf.float32
+    halves = [tf.nn.l2_loss(tf.cast(v, dtype)) for v in values]
+    return tf.sqrt(2.0 * tf.reduce_sum(tf.stack(halves)))
+
+
+def summed_rows(slices):
+    """The rows of an IndexedSlices with duplicate indices summed, without densifying.
+
+    Returns a tensor with as many rows as `slices.values` (trailing rows zero),
+    whose nonzero rows are the distinct rows of the dense gradient. Static
+    shapes only (a sort and a segment sum), so it compiles under XLA.
+    """
+    n = tf.shape(slices.indices)[0]
+    order = tf.argsort(slices.indices)
+    indices = tf.gather(slices.indices, order)
+    previous = tf.concat([indices[:1] - 1, indices[:-1]], axis=0)  # empty-safe
+    starts = tf.not_equal(indices, previous)
+    segments = tf.cumsum(tf.cast(starts, tf.int32)) - 1
+    return tf.math.unsorted_segment_sum(tf.gather(slices.values, order), segments, n)
+
+
+# -- argument validation -------------------------------------------------------
+
+
+def is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_number(name, value, low=None, low_inclusive=False, allow_none=False):
+    """Validates a finite real number (optionally > or >= `low`); returns it as float."""
+    if value is None and allow_none:
+        return None
+    ok = is_real(value) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if not ok:
+        bound = "" if low is None else f" {'>=' if low_inclusive else '>'} {low}"
+        what = f"a finite number{bound}" + (" or None" if allow_none else "")
+        raise ValueError(f"`{name}` must be {what}. Received: {name}={value!r}")
+    return float(value)
+
+
+def is_pattern(value):
+    """Whether `value` is a string that compiles as a regular expression."""
+    if not isinstance(value, str):
+        return False
+    try:
+        re.compile(value)
+    except re.error:
+        return False
+    return True
+
+
+def check_patterns(name, value):
+    """A regular expression or a non-empty list of them; returns the list."""
+    patterns = [value] if isinstance(value, str) else value
+    if not (isinstance(patterns, (list, tuple)) and patterns and all(map(is_pattern, patterns))):
+        raise ValueError(
+            f"`{name}` must be a regular expression (searched in `variable.path`) "
+            f"or a non-empty list of them. Received: {name}={value!r}"
+        )
+    return list(patterns)
+
+
+def matches(patterns, variable):
+    name = variable_name(variable)
+    return any(re.search(p, name) for p in patterns)
+
+
+# -- serialization ---------------------------------------------------------------
+
+
+def is_registered(obj):
+    """Whether Keras can load `obj` back: a registered function or class instance."""
+    target = obj if isinstance(obj, types.FunctionType) else type(obj)
+    if target.__name__ == "<lambda>":
+        return False
+    name = keras.saving.get_registered_name(target)
+    return keras.saving.get_registered_object(name) is target
+
+
+def serialize_child(transform, where):
+    """The Keras config of a child transform; a ValueError if it cannot be saved."""
+    if transform is None:
+        return None
+    if not is_registered(transform):
+        raise ValueError(
+            f"{where} ({transform!r}) cannot be saved: register it with "
+            "@keras.saving.register_keras_serializable() (and give a class a "
+            "get_config()), or give it to compile() outside the combinator, where "
+            "what cannot be saved is left out with a warning."
+        )
+    return keras.saving.serialize_keras_object(transform)
+
+
+def deserialize_child(config):
+    return None if config is None else keras.saving.deserialize_keras_object(config)
+
+
+def warn_unsaved(message):
+    warnings.warn(f"keras_trainop: {message}", UserWarning, stacklevel=3)
+
+
+def build_child(transform, variables):
+    build = getattr(transform, "build", None)
+    if callable(build) and not getattr(transform, "built", False):
+        build(list(variables))
+
+
+def child_variables(transform):
+    return list(getattr(transform, "variables", ()) or ())

@@ -1,0 +1,128 @@
+"""Gradient noise: fixed scale (TF1's `optimize_loss(gradient_noise_scale=)`) and
+annealed (Neelakantan et al., 2015; optax's `add_noise`).
+
+Both are seeded and reproducible: the noise of step `t` for the `i`-th pair is
+drawn with stateless random ops (Philox) from a key derived from
+`(seed, t, i)`, where `t` is the transform's own step counter, a Keras
+variable saved with the model. A run resumed from a checkpoint or a `.keras`
+file therefore draws exactly the noise of an uninterrupted run. `i` is the
+position of the pair in the list the transform receives.
+
+Noise is added to every element of the variable, so an IndexedSlices gradient
+becomes dense (as in TF1).
+"""
+
+import random
+
+import keras
+import tensorflow as tf
+
+from keras_trainop.transforms.base import PACKAGE, GradientTransform, check_number
+
+_ALG = "philox"  # the same stream on every device
+
+
+def _check_seed(seed):
+    if seed is None:
+        return random.randint(0, 2**31 - 1)
+    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63:
+        return seed
+    raise ValueError(
+        f"`seed` must be None or an integer in [0, 2**63). Received: seed={seed!r}"
+    )
+
+
+class _Noise(GradientTransform):
+    """Adds `stddev(t) * sample(shape, key)` to every gradient and counts steps."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.seed = _check_seed(seed)
+        self.step = None
+
+    def build(self, variables):
+        self.step = self.add_state("noise_step", "int64")
+        super().build(variables)
+
+    def call(self, grads_and_vars):
+        step = tf.convert_to_tensor(self.step)
+        key = tf.random.experimental.stateless_fold_in(
+            tf.constant([0, self.seed], tf.int64), step, alg=_ALG
+        )
+        stddev = self.stddev(tf.cast(step, tf.float32))
+        result = []
+        for i, (grad, var) in enumerate(grads_and_vars):
+            if grad is not None:
+                grad = tf.convert_to_tensor(grad)  # IndexedSlices: densified
+                seed = tf.random.experimental.stateless_fold_in(key, i, alg=_ALG)
+                noise = self.sample(var.shape, seed) * stddev
+                grad = grad + tf.cast(noise, grad.dtype)
+            result.append((grad, var))
+        self.step.assign_add(1)
+        return result
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AddScaledNoise(_Noise):
+    """Adds `scale * truncated_normal()` to every gradient element.
+
+    TF1's `optimize_loss(gradient_noise_scale=scale)`: a truncated standard
+    normal (resampled beyond 2 standard deviations), times `scale`.
+
+    Args:
+        scale: the noise scale, > 0.
+        seed: an integer, or None to draw one (then saved with the config).
+    """
+
+    def __init__(self, scale, *, seed=None):
+        self.scale = check_number("scale", scale, low=0)
+        super().__init__(seed)
+
+    def stddev(self, step):
+        del step
+        return tf.constant(self.scale, tf.float32)
+
+    def sample(self, shape, seed):
+        return tf.random.stateless_truncated_normal(shape, seed, alg=_ALG)
+
+    def get_config(self):
+        return {"scale": self.scale, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AddNoise(_Noise):
+    """Adds annealed Gaussian noise of variance `eta / (1 + t)**gamma` at step `t`.
+
+    Neelakantan et al., 2015, "Adding Gradient Noise Improves Learning for
+    Very Deep Networks" (arXiv:1511.06807); optax's `add_noise`. `t` counts
+    this transform's calls from 0.
+
+    Args:
+        eta: the initial variance, > 0 (the paper uses 0.01, 0.3 or 1.0).
+        gamma: the decay exponent, >= 0 (the paper uses 0.55).
+        seed: an integer, or None to draw one (then saved with the config).
+    """
+
+    def __init__(self, eta, gamma=0.55, *, seed=None):
+        self.eta = check_number("eta", eta, low=0)
+        self.gamma = check_number("gamma", gamma, low=0, low_inclusive=True)
+        super().__init__(seed)
+
+    def stddev(self, step):
+        return tf.sqrt(self.eta / tf.pow(1.0 + step, self.gamma))
+
+    def sample(self, shape, seed):
+        return tf.random.stateless_normal(shape, seed, alg=_ALG)
+
+    def get_config(self):
+        return {"eta": self.eta, "gamma": self.gamma, "seed": self.seed}
+
+
+def add_scaled_noise(scale, *, seed=None):
+    """TF1's `gradient_noise_scale`: adds `scale * truncated_normal()`. Returns `AddScaledNoise`."""
+    return AddScaledNoise(scale, seed=seed)
+
+
+def add_noise(eta, gamma=0.55, *, seed=None):
+    """Annealed noise, variance `eta / (1 + t)**gamma` (optax's `add_noise`). Returns `AddNoise`."""
+    return AddNoise(eta, gamma, seed=seed)
