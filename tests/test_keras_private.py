@@ -73,3 +73,19 @@ def test_in_xla_context_tells_jit_compiled_traces_apart():
     tf.function(record)()
     assert seen == [True, False]
     assert private.in_xla_context() is False
+
+
+def test_needs_merge_call_is_true_in_a_mirrored_replica_only():
+    seen = []
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+
+    @tf.function
+    def replica_step():
+        seen.append(private.needs_merge_call())
+        return tf.constant(0.0)
+
+    strategy.run(replica_step)
+    assert seen == [True]
+    assert private.needs_merge_call() is False  # default strategy
+    with strategy.scope():
+        assert private.needs_merge_call() is False  # cross-replica context
