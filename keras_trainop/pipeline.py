@@ -253,11 +253,11 @@ class StepPipeline:
                 if counter is None or counter is USE_GLOBAL_STEP:
                     opt.apply_gradients(grads_and_vars)
                     return
-                before = tf.convert_to_tensor(opt.iterations)
+                iterations_before = tf.convert_to_tensor(opt.iterations)
                 opt.apply_gradients(grads_and_vars)
                 # +1 per update the optimizer really applied (a loss-scale
                 # optimizer skips overflowing steps without counting them).
-                applied = tf.convert_to_tensor(opt.iterations) - before
+                applied = tf.convert_to_tensor(opt.iterations) - iterations_before
                 counter.assign_add(tf.cast(applied, counter.dtype))
 
         args = (grads_and_vars, snapshot)
