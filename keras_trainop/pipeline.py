@@ -29,7 +29,7 @@ from keras_trainop import gradients as gradients_lib
 from keras_trainop import numerics
 from keras_trainop import summaries
 from keras_trainop.options import USE_GLOBAL_STEP
-from keras_trainop.transforms.base import map_values
+from keras_trainop.transforms.base import build_child, child_variables, map_values
 from keras_trainop.variables import select_variables
 
 
@@ -123,15 +123,13 @@ class StepPipeline:
         Called once, before the transforms first run; under `tf.init_scope` so
         that state variables are created outside any traced function.
         """
-        for transform in self.options.transforms:
-            build = getattr(transform, "build", None)
-            if callable(build) and not getattr(transform, "built", False):
-                with tf.init_scope():
-                    build(list(variables))
+        with tf.init_scope():
+            for transform in self.options.transforms:
+                build_child(transform, variables)
 
     def transform_variables(self):
         """The state variables of all transforms (their `variables` attribute)."""
-        return [v for t in self.options.transforms for v in getattr(t, "variables", ())]
+        return [v for t in self.options.transforms for v in child_variables(t)]
 
     # -- the step ---------------------------------------------------------
 

@@ -9,7 +9,6 @@ op, a global-step variable) is left out with a warning at save time, which
 says what to pass to `compile()` again after loading.
 """
 
-import types
 import warnings
 
 import keras
@@ -17,17 +16,9 @@ import keras
 from keras_trainop.numerics import SkipNonFinite
 from keras_trainop.options import USE_GLOBAL_STEP
 from keras_trainop.summaries import variable_name
+from keras_trainop.transforms.base import is_registered
 
 _KEY = "keras_trainop"
-
-
-def _is_registered(obj):
-    """Whether Keras can load `obj` back: a registered function or class instance."""
-    target = obj if isinstance(obj, types.FunctionType) else type(obj)
-    if target.__name__ == "<lambda>":
-        return False
-    name = keras.saving.get_registered_name(target)
-    return keras.saving.get_registered_object(name) is target
 
 
 def _warn_unsaved(what, value, advice):
@@ -42,7 +33,7 @@ def _warn_unsaved(what, value, advice):
 def _serialize_callables(name, values):
     saved = []
     for value in values:
-        if _is_registered(value):
+        if is_registered(value):
             saved.append(keras.saving.serialize_keras_object(value))
         else:
             _warn_unsaved(
