@@ -10,6 +10,7 @@ from keras_trainop.functional import clip_gradient_norms_fn
 from keras_trainop.functional import create_train_op
 from keras_trainop.functional import create_train_step
 from keras_trainop.functional import multiply_gradients
+from keras_trainop.functional import raise_if_failed
 from keras_trainop.model import Model
 from keras_trainop.model import Sequential
 from keras_trainop.model import TrainOpModel
@@ -40,5 +41,6 @@ __all__ = [
     "create_train_op",
     "create_train_step",
     "multiply_gradients",
+    "raise_if_failed",
     "transforms",
 ]

@@ -11,7 +11,8 @@ All of them run the same `StepPipeline` as `TrainOpModel`.
 import tensorflow as tf
 
 from keras_trainop import _keras_private as private
-from keras_trainop.gradients import tf_gradients
+from keras_trainop.gradients import tf_gradients, warn_once
+from keras_trainop.numerics import FailureGuard
 from keras_trainop.options import (
     GATE_OP,
     USE_GLOBAL_STEP,
@@ -30,6 +31,37 @@ def _total_loss(values, total_loss_fn):
     # A nested loss with no total_loss_fn: minimise the sum, which is what
     # differentiating the whole structure means.
     return leaves[0] if len(leaves) == 1 else tf.add_n(leaves)
+
+
+def _warn_if_xla_cannot_raise(pipeline, how_to_raise):
+    """Under XLA a failed check blocks the update but cannot raise: say so once."""
+    if pipeline.guard is None or not private.in_xla_context():
+        return
+    warn_once(
+        pipeline.warned,
+        "xla-cannot-raise",
+        "keras_trainop: inside a jit_compile=True function nothing can raise, so "
+        "`check_numerics` cannot stop a non-finite step with an error. The step's "
+        "update is still blocked, and so is every later step's, until you call "
+        f"{how_to_raise} after the call: it raises the kt.NonFiniteError of the "
+        "failed step and clears the record. Pass check_numerics=False to turn the "
+        "check off instead.",
+    )
+
+
+def raise_if_failed(optimizer):
+    """Raises the `kt.NonFiniteError` of a failed step of `optimizer`, if any.
+
+    Inside a `jit_compile=True` function nothing can raise: a step of
+    `create_train_op` or `create_train_step` whose check failed is blocked, as
+    is every later step of `optimizer`, until this is called. It raises the
+    error of the first failed step and clears the record, so that training can
+    go on. Elsewhere the step raises by itself and this does nothing.
+
+    Args:
+        optimizer: the Keras optimizer the step applies with.
+    """
+    FailureGuard.for_optimizer(optimizer).raise_if_failed()
 
 
 def create_train_step(
@@ -99,6 +131,8 @@ def create_train_step(
     pipeline = StepPipeline(options, optimizer)
 
     def step(*args, **kwargs):
+        _warn_if_xla_cannot_raise(pipeline, "`step.raise_if_failed()`")
+
         def forward():
             values = loss(*args, **kwargs)
             return _total_loss(values, total_loss_fn), values
@@ -158,6 +192,10 @@ def create_train_op(
     Returns:
         `total_loss`, ordered after the update.
 
+    Inside a `jit_compile=True` function a failed `check_numerics` cannot
+    raise: the update is blocked (and every later one) until
+    `kt.raise_if_failed(optimizer)` is called, which raises the error.
+
     Raises:
         ValueError: if called eagerly (use `create_train_step`), or for an
             invalid option.
@@ -189,7 +227,9 @@ def create_train_op(
         probe = tf.gradients(total_loss, read) if read else []
         read = [v for v, g in zip(read, probe) if g is not None]
     variables = pipeline.variables(read, owner="what the loss reads in this function")
-    grads = tf_gradients(total_loss, variables, options)
+    _warn_if_xla_cannot_raise(pipeline, "`kt.raise_if_failed(optimizer)`")
+    # A loss-scale optimizer divides what it is given by its scale.
+    grads = tf_gradients(optimizer.scale_loss(total_loss), variables, options)
     pipeline.update(total_loss, list(zip(grads, variables)))
     with tf.control_dependencies([tf.convert_to_tensor(optimizer.iterations)]):
         return tf.identity(total_loss)

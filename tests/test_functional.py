@@ -512,6 +512,75 @@ def test_create_train_op_check_numerics():
     assert int(opt.iterations) == 1
 
 
+def test_create_train_op_check_numerics_jit_blocks_then_raise_if_failed():
+    w = tf.Variable([1.0, 2.0])
+    opt = keras.optimizers.SGD(LR)
+
+    @tf.function(jit_compile=True)
+    def train(v):
+        return kt.create_train_op(tf.reduce_sum(w * v), opt)
+
+    train(tf.constant(GOOD))
+    kt.raise_if_failed(opt)  # nothing failed
+    train(tf.constant([np.nan, 1.0]))  # nothing can raise under XLA: blocked
+    train(tf.constant(GOOD))  # blocked too, until the record is read
+    np.testing.assert_allclose(w.numpy(), [0.9, 1.9], **TOL)
+    with pytest.raises(kt.NonFiniteError, match="inf or nan at step 2") as info:
+        kt.raise_if_failed(opt)
+    assert info.value.step == 2 and info.value.what == "loss"
+    kt.raise_if_failed(opt)  # the record was cleared
+    train(tf.constant(GOOD))
+    np.testing.assert_allclose(w.numpy(), [0.8, 1.8], **TOL)
+    assert int(opt.iterations) == 2
+
+
+@pytest.mark.parametrize("api", ["create_train_step", "create_train_op"])
+def test_jit_warns_that_check_numerics_cannot_raise(api):
+    w = tf.Variable([1.0, 2.0])
+    opt = keras.optimizers.SGD(LR)
+    step = kt.create_train_step(lambda v: tf.reduce_sum(w * v), opt)
+
+    @tf.function(jit_compile=True)
+    def train(v):
+        if api == "create_train_op":
+            return kt.create_train_op(tf.reduce_sum(w * v), opt)
+        return step(v)
+
+    how = "kt.raise_if_failed(optimizer)" if api == "create_train_op" else "step.raise_if_failed()"
+    with pytest.warns(UserWarning, match="nothing can raise") as record:
+        train(tf.constant(GOOD))
+    assert [str(r.message).count(how) for r in record] == [1]
+
+
+@pytest.mark.parametrize("mode", GRAPH_MODES)
+def test_jit_and_graph_warn_nothing_without_check_numerics(mode, recwarn):
+    w = tf.Variable([1.0, 2.0])
+    opt = keras.optimizers.SGD(LR)
+
+    @tf.function(jit_compile=mode == "jit")
+    def train(v):
+        return kt.create_train_op(tf.reduce_sum(w * v), opt, check_numerics=False)
+
+    train(tf.constant(GOOD))
+    assert not [r for r in recwarn if "keras_trainop" in str(r.message)]
+
+
+@pytest.mark.parametrize("mode", GRAPH_MODES)
+def test_create_train_op_with_a_loss_scale_optimizer_applies_the_true_gradient(mode):
+    # Oracle: SGD by hand. A loss-scale optimizer divides the gradients it is
+    # given by its scale, so they must be those of the scaled loss.
+    w = tf.Variable([1.0, 2.0])
+    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(LR))
+
+    @tf.function(jit_compile=mode == "jit")
+    def train(v):
+        return kt.create_train_op(tf.reduce_sum(w * v), opt)
+
+    train(tf.constant([1.0, 3.0]))
+    np.testing.assert_allclose(w.numpy(), [1.0 - LR * 1.0, 2.0 - LR * 3.0], **TOL)
+    assert int(opt.iterations) == 1
+
+
 # -- TF1 helpers -----------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@ import keras_trainop as kt
 PUBLIC = {
     "GATE_GRAPH", "GATE_NONE", "GradientTensorBoard", "GATE_OP", "USE_GLOBAL_STEP", "Model", "NonFiniteError",
     "Sequential", "SkipNonFinite", "TrainOpModel", "add_gradients_summaries", "clip_gradient_norms",
-    "clip_gradient_norms_fn", "create_train_op", "create_train_step", "multiply_gradients",
+    "clip_gradient_norms_fn", "create_train_op", "create_train_step", "multiply_gradients", "raise_if_failed",
     "transforms",
 }
 
