@@ -66,6 +66,19 @@ def _check_transform_output(index, transform, result, allowed):
     return [tuple(p) for p in result]
 
 
+def _put_back_where(blocked, pairs, only=None):
+    """Assigns each `(variable, saved)` pair's saved value where `blocked` is True.
+
+    Without control flow (`tf.where`), so it costs a few ops on every step and
+    holds nothing back. `only`: the ids of the variables to consider, if not all.
+    """
+    return [
+        var.assign(tf.where(blocked, value, tf.convert_to_tensor(var)))
+        for var, value in pairs
+        if only is None or id(var) in only
+    ]
+
+
 def is_loss_scale_optimizer(optimizer):
     return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
@@ -168,41 +181,24 @@ class StepPipeline:
             tape, scaled_loss, variables, self.options, self.warned
         )
 
-        restore = restore_where = None
-        if snapshot is not None:
-
-            def restore(grads_and_vars, saved):
-                del grads_and_vars
-                for var, value in zip(state_variables, saved):
-                    var.assign(value)
-
-            def restore_where(ok, grads_and_vars, saved):
-                del grads_and_vars
-                return [
-                    var.assign(tf.where(ok, tf.convert_to_tensor(var), value))
-                    for var, value in zip(state_variables, saved)
-                ]
-
         skipped = self.update(
-            loss,
-            list(zip(grads, variables)),
-            restore=restore,
-            restore_where=restore_where,
-            snapshot=snapshot,
+            loss, list(zip(grads, variables)), state_variables=state_variables, snapshot=snapshot
         )
         return aux, skipped
 
-    def update(self, loss, grads_and_vars, restore=None, restore_where=None, snapshot=None):
+    def update(self, loss, grads_and_vars, state_variables=(), snapshot=None):
         """Stages 5 to 11 on gradients of the (scaled) loss.
 
         Args:
             loss: the unscaled scalar loss, for the finiteness check.
             grads_and_vars: `(gradient, variable)` pairs of the scaled loss.
-            restore: optional `restore(grads_and_vars, snapshot)`, run instead
-                of the update when the step is blocked.
-            restore_where: the same as `restore_where(ok, grads_and_vars,
-                snapshot)`, without control flow.
-            snapshot: the values `restore` puts back.
+            state_variables: variables put back to `snapshot` when the step is
+                blocked (the forward pass's non-trainable state).
+            snapshot: their values from before the forward pass, or None.
+
+        The transforms' own state (a noise counter, moving averages) is put
+        back too when the step is blocked, or when a loss-scale optimizer
+        skips it for an overflow: a step that applies nothing leaves no trace.
 
         Returns:
             A float32 scalar: 1.0 if the step was skipped, else 0.0.
@@ -226,9 +222,20 @@ class StepPipeline:
         )
         rescale = None
         if lso and reads_gradients:
-            grads_and_vars, rescale = self._unscale(grads_and_vars)
+            grads_and_vars, rescale, finite = self._unscale(grads_and_vars)
 
         self.build_transforms(variables)
+        kept = self.transform_variables()
+        kept_ids = {id(v) for v in kept}
+        if snapshot is None:
+            state_variables, snapshot = [], []
+        pairs = [(v, s) for v, s in zip(state_variables, snapshot) if id(v) not in kept_ids]
+        if kept and (self.guard is not None or rescale is not None):
+            # Read before the transforms run: automatic control dependencies
+            # order these reads before the transforms' assignments.
+            pairs += [(v, tf.identity(tf.convert_to_tensor(v))) for v in kept]
+        state_variables = [v for v, _ in pairs]
+        snapshot = tuple(s for _, s in pairs)
         before = list(grads_and_vars)
         allowed = {id(v) for v in variables}
         for i, transform in enumerate(options.transforms):
@@ -242,6 +249,9 @@ class StepPipeline:
 
         if rescale is not None:
             grads_and_vars = rescale(grads_and_vars)
+            if kept:
+                # The optimizer will skip an overflowing step: so must the state.
+                _put_back_where(tf.logical_not(finite), list(zip(state_variables, snapshot)), kept_ids)
 
         def apply_update(grads_and_vars, snapshot):
             del snapshot
@@ -257,6 +267,18 @@ class StepPipeline:
                 # optimizer skips overflowing steps without counting them).
                 applied = tf.convert_to_tensor(opt.iterations) - iterations_before
                 counter.assign_add(tf.cast(applied, counter.dtype))
+
+        restore = restore_where = None
+        if state_variables:
+
+            def restore(grads_and_vars, saved):
+                del grads_and_vars
+                for var, value in zip(state_variables, saved):
+                    var.assign(value)
+
+            def restore_where(ok, grads_and_vars, saved):
+                del grads_and_vars
+                return _put_back_where(tf.logical_not(ok), list(zip(state_variables, saved)))
 
         args = (grads_and_vars, snapshot)
         if self.guard is None:
@@ -303,7 +325,7 @@ class StepPipeline:
 
             return [(map_values(back, g), v) for g, v in pairs]
 
-        return unscaled, rescale
+        return unscaled, rescale, finite
 
     def _summarize(self, grads_and_vars, step, in_xla):
         if in_xla:

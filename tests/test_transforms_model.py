@@ -212,6 +212,45 @@ def test_a_blocked_step_leaves_transform_state_unchanged(mode):
     assert int(noise.step.numpy()) == 1
 
 
+@pytest.fixture
+def mixed_float16():
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_loss_scale_overflow_leaves_transform_state_unchanged(mode, mixed_float16):
+    # Before the fix an overflow turned the adaptive averages into nan for good:
+    # every later step was skipped and the scale fell without end.
+    x, y = regression_data(n=128)
+    x[:BATCH] *= 300.0  # the first step overflows float16 at the initial scale
+    noise, adaptive = T.add_noise(1e-4, seed=4), T.adaptive_clip_by_global_norm()
+    model = mlp(kt.Model)
+    model.compile(keras.optimizers.SGD(0.01), "mse", grad_transforms=[adaptive, noise],
+                  **mode_kwargs(mode))
+    fit(model, x, y)
+    steps = len(x) // BATCH
+    applied = int(model.optimizer.iterations)
+    assert float(model.optimizer.dynamic_scale) < 32768  # overflows happened
+    assert 0 < applied < steps  # ... were skipped, and training went on
+    # Oracle: counting. Only applied steps advance the noise counter.
+    assert int(noise.step.numpy()) == applied
+    assert np.isfinite([v.numpy() for v in adaptive.variables]).all()
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_a_blocked_functional_step_leaves_transform_state_unchanged():
+    w = keras.Variable([1.0, 2.0], name="w")
+    noise = T.add_noise(0.1, seed=4)
+    step = kt.create_train_step(lambda v: tf.reduce_sum(w * v), keras.optimizers.SGD(0.1),
+                                transform_grads_fn=noise)
+    step(tf.constant([1.0, 1.0]))
+    with pytest.raises(kt.NonFiniteError):
+        step(tf.constant([np.nan, 1.0]))
+    assert int(noise.step.numpy()) == 1
+
+
 # -- composing with plain functions; sparse gradients stay sparse ------------------------
 
 
