@@ -71,3 +71,16 @@ def needs_merge_call():
     if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
         return False
     return not tf.__internal__.distribute.strategy_supports_no_merge_call()
+
+
+def default_summary_writer():
+    """The `tf.summary` writer made default by `writer.as_default()`, or None.
+
+    A traced step captures the default writer when it is traced; a model with
+    `summarize_gradients=True` must trace again when a later `fit` runs under
+    another writer (or the first ran under none). TF keeps the default writer
+    in a private thread-local state and exposes no getter for it.
+    """
+    from tensorflow.python.ops import summary_ops_v2
+
+    return getattr(summary_ops_v2._summary_state, "writer", None)

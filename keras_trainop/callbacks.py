@@ -83,9 +83,17 @@ class GradientTensorBoard(keras.callbacks.Callback):
         model = self.model
         self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
         pipeline = model.train_pipeline
-        key = (self.update_freq, self.histograms, self.norms, self.metrics, model.steps_per_execution)
-        # The two traces depend on the configuration, not on the writer (the
-        # host writes): later fits reuse them instead of tracing again.
+        key = (
+            self.update_freq,
+            self.histograms,
+            self.norms,
+            self.metrics,
+            model.steps_per_execution,
+            model.summary_writer_to_trace(),
+        )
+        # The two traces depend on the configuration, not on this callback's
+        # writer (the host writes): later fits reuse them instead of tracing
+        # again. (With summarize_gradients, the user's writer is traced in.)
         cache = pipeline.__dict__.setdefault("telemetry_functions", {})
         if key in cache:
             telemetry, plain, recording = cache[key]
@@ -144,9 +152,25 @@ class GradientTensorBoard(keras.callbacks.Callback):
             self._known, self._calls = int(model.optimizer.iterations.numpy()), 0
             return logs
 
-        return train_function
+        def detaching_on_error(iterator):
+            try:
+                return train_function(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                raise  # the end of the data: fit goes on
+            except BaseException:
+                # fit() does not call on_train_end when a step raises (a
+                # NonFiniteError, an interrupt): detach now, so that a later
+                # fit does not write into this log directory.
+                self._detach()
+                raise
+
+        return detaching_on_error
 
     def on_train_end(self, logs=None):
+        self._detach()
+
+    def _detach(self):
+        """Gives the model back its own train function and closes the writer."""
         model = self.model
         if self._telemetry is not None:
             model.train_pipeline.telemetry = None

@@ -240,6 +240,19 @@ class TrainOpModel:
         tf.cond(skipped > 0, lambda: tf.constant(0), lambda: _then(update_metrics, 0))
         return self.get_metrics_result()
 
+    @property
+    def metrics(self):
+        # The gradient-norm trackers of GradientTensorBoard(metrics=True) stay
+        # on the model between fits (their variables are part of its traces),
+        # but they are metrics only while such a callback records them.
+        metrics = super().metrics
+        pipeline = getattr(self, "train_pipeline", None)
+        telemetry = getattr(pipeline, "telemetry", None)
+        if telemetry is not None and telemetry.log_metrics:
+            return metrics
+        dormant = {id(getattr(self, n, None)) for n in ("grad_norm_tracker", "clipped_grad_norm_tracker")}
+        return [m for m in metrics if id(m) not in dormant]
+
     def test_step(self, data):
         logs = super().test_step(data)
         # Training counters and gradient norms: not validation metrics.
@@ -247,10 +260,24 @@ class TrainOpModel:
             logs.pop(name, None)
         return logs
 
+    def summary_writer_to_trace(self):
+        """The writer a trace made now would capture (None without summarize_gradients)."""
+        if not self.train_options.summarize_gradients:
+            return None
+        return private.default_summary_writer()
+
     def make_train_function(self, force=False):
-        if self.train_function is not None and not force:
+        writer = self.summary_writer_to_trace()
+        if (
+            self.train_function is not None
+            and not force
+            and writer is self.train_pipeline.traced_summary_writer
+        ):
             return self.train_function
-        super().make_train_function(force=force)
+        # summarize_gradients writes through the default writer captured when
+        # the step is traced: a fit under another writer needs a new trace.
+        self.train_pipeline.traced_summary_writer = writer
+        super().make_train_function(force=True)
         guard = self.train_pipeline.guard
         if guard is not None:
             # Under XLA the in-graph Assert is dropped: read the record instead.

@@ -107,6 +107,8 @@ class StepPipeline:
         self.selected = None  # the variables to train, once resolved
         # Set by GradientTensorBoard: statistics to compute in the step.
         self.telemetry = None
+        # The default tf.summary writer when the model's step was last traced.
+        self.traced_summary_writer = None
 
     # -- variables --------------------------------------------------------
 

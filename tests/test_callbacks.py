@@ -123,6 +123,60 @@ def test_a_second_fit_goes_on_at_the_right_steps(tmp_path):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_fit_that_raises_detaches_the_callback(mode, tmp_path):
+    # fit() skips on_train_end when a step raises; the callback detaches itself.
+    x, y = regression_data(n=160)
+    bad_y = y.copy()
+    bad_y[5 * BATCH + 1] = np.nan  # step 6 raises
+    model = compiled(mode)
+    with pytest.raises(kt.NonFiniteError, match="at step 6"):
+        fit(model, x, bad_y, [kt.GradientTensorBoard(tmp_path / "first", update_freq=2)])
+    fit(model, x, y, [])  # no callback: nothing more may reach the first log dir
+    fit(model, x, y, [kt.GradientTensorBoard(tmp_path / "second", update_freq=5)])
+    first, second = read(str(tmp_path / "first")), read(str(tmp_path / "second"))
+    assert [e.step for e in first.Tensors("out/kernel/gradient")] == [2, 4]
+    assert [e.step for e in second.Tensors("out/kernel/gradient")] == [20, 25]  # updates 16..25
+    assert int(model.optimizer.iterations) == 5 + 10 + 10
+
+
+def test_non_recording_calls_run_the_plain_trace(tmp_path):
+    x, y = regression_data(n=160)
+    model = compiled("graph")
+    callback = kt.GradientTensorBoard(tmp_path, update_freq=5)
+    calls = {"plain": 0, "recording": 0}
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            # Runs after GradientTensorBoard.on_train_begin: wrap the two traces it made.
+            cache = model.train_pipeline.telemetry_functions
+            (key,) = cache
+            telemetry, plain, recording = cache[key]
+
+            def counting(name, function):
+                def call(iterator):
+                    calls[name] += 1
+                    return function(iterator)
+                return call
+
+            cache[key] = (telemetry, counting("plain", plain), counting("recording", recording))
+            callback.on_train_begin()  # rebuild the switch over the counting traces
+
+    fit(model, x, y, [callback, Spy()], epochs=2)
+    assert calls == {"plain": 16, "recording": 4}  # steps 5, 10, 15, 20 record
+
+
+def test_grad_norm_is_not_in_the_logs_of_a_later_fit_without_metrics(tmp_path):
+    x, y = regression_data()
+    model = compiled("graph")
+    first = fit(model, x, y, [kt.GradientTensorBoard(tmp_path, update_freq=1, metrics=True)])
+    assert set(first.history) == {"loss", "grad_norm"}
+    assert set(fit(model, x, y, []).history) == {"loss"}
+    assert set(fit(model, x, y, [kt.GradientTensorBoard(tmp_path, update_freq=1)]).history) == {"loss"}
+    again = fit(model, x, y, [kt.GradientTensorBoard(tmp_path, update_freq=1, metrics=True)])
+    assert set(again.history) == {"loss", "grad_norm"} and again.history["grad_norm"][0] > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_metrics_in_logs_are_the_mean_of_the_step_norms(mode, tmp_path):
     x, y = regression_data()
     model = compiled(mode, grad_transforms=[kt.clip_gradient_norms_fn(0.1)])

@@ -89,3 +89,11 @@ def test_needs_merge_call_is_true_in_a_mirrored_replica_only():
     assert private.needs_merge_call() is False  # default strategy
     with strategy.scope():
         assert private.needs_merge_call() is False  # cross-replica context
+
+
+def test_default_summary_writer_is_the_writer_made_default(tmp_path):
+    assert private.default_summary_writer() is None
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        assert private.default_summary_writer() is writer
+    assert private.default_summary_writer() is None

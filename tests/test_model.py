@@ -448,6 +448,25 @@ def test_summarize_gradients_writes_to_the_default_writer(mode, tmp_path):
     assert len(glob.glob(str(tmp_path / "events.out.tfevents.*"))) == 1
 
 
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_summarize_gradients_follows_the_writer_of_each_fit(mode, tmp_path):
+    # The step captures the default writer when it is traced: a later fit under
+    # another writer (or after one under none) must trace again.
+    x, y = regression_data()
+    model = mlp(kt.Model)
+    model.compile(keras.optimizers.SGD(0.01), "mse", summarize_gradients=True, **mode_kwargs(mode))
+    steps = len(x) // BATCH
+    fit(model, x, y)  # no writer
+    for name in ("first", "second"):
+        writer = tf.summary.create_file_writer(str(tmp_path / name))
+        with writer.as_default():
+            fit(model, x, y)
+        writer.close()  # a stale trace would now write to a closed writer
+    first, second = read_events(str(tmp_path / "first")), read_events(str(tmp_path / "second"))
+    assert [e.step for e in first.Tensors("out/kernel/gradient_norm")] == list(range(steps + 1, 2 * steps + 1))
+    assert [e.step for e in second.Tensors("out/kernel/gradient_norm")] == list(range(2 * steps + 1, 3 * steps + 1))
+
+
 def test_summarize_gradients_without_a_writer_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     x, y = regression_data()
