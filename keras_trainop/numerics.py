@@ -3,7 +3,7 @@
 `tf.debugging.check_numerics` is not enough: in TF1 graph mode it did not
 block the update, and under XLA it is silently dropped. keras_trainop computes
 one finiteness flag per step (the loss, and with `check_numerics="all"` or the
-skip policy every gradient, in one fused reduction) and then:
+skip policy every gradient, in a few grouped reductions) and then:
 
 - raise policy, eager and graph mode: every op of the update has a control
   dependency on an in-graph `tf.debugging.Assert` of the flag, so a failing
@@ -20,6 +20,7 @@ put back, and which gradients were non-finite is worked out then, not on the
 success path.
 """
 
+import collections
 import weakref
 
 import keras
@@ -160,26 +161,31 @@ def all_finite(tensors):
     return flags[0] if len(flags) == 1 else tf.reduce_all(tf.stack(flags))
 
 
-@tf.function(jit_compile=True, autograph=False)
-def _fused_all_finite(tensors):
-    # One XLA kernel, whatever the number of tensors: a flattened view of
-    # each, one concatenation per dtype (no cast: a large float64 value must
-    # not become inf) and one reduction, fused.
-    by_dtype = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(tf.reshape(t, [-1]))
-    flags = [tf.reduce_all(tf.math.is_finite(tf.concat(group, 0))) for group in by_dtype.values()]
-    return tf.reduce_all(tf.stack(flags))
+_IN_PLACE = 1 << 16  # elements: a larger gradient is checked where it is, not copied
 
 
 def gradients_finite(grads):
-    """One fused check that every gradient is finite (None gradients ignored)."""
+    """One check that every gradient is finite (None gradients ignored).
+
+    Few ops whatever the number of gradients: a large gradient is reduced in
+    place; small ones are stacked per (dtype, shape), one reduction per group
+    (no cast, so a large float64 value cannot become inf). A nested XLA
+    cluster would fuse it all into one kernel, but its launch waits for every
+    gradient and measured slower on a CPU than these few ops.
+    """
     values = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads if g is not None]
     if not values:
         return tf.constant(True)
-    if tf.executing_eagerly():
-        return all_finite(values)
-    return _fused_all_finite(values)
+    flags, groups = [], {}
+    for t in values:
+        size = t.shape.num_elements()
+        if size is not None and size <= _IN_PLACE:
+            groups.setdefault((t.dtype, tuple(t.shape)), []).append(t)
+        else:
+            flags.append(tf.reduce_all(tf.math.is_finite(t)))
+    for group in groups.values():
+        flags.append(tf.reduce_all(tf.math.is_finite(group[0] if len(group) == 1 else tf.stack(group))))
+    return flags[0] if len(flags) == 1 else tf.reduce_all(tf.stack(flags))
 
 
 def _cross_replica_cond(ok, true_fn, false_fn, args):
@@ -200,6 +206,11 @@ def _cross_replica_cond(ok, true_fn, false_fn, args):
         tf.cond(ok, per_replica(true_fn), per_replica(false_fn))
 
     tf.distribute.get_replica_context().merge_call(cross_replica, args=(ok, args))
+
+
+class Verdict(collections.namedtuple("Verdict", ["present", "checked", "loss_ok", "ok"])):
+    """A step's finiteness: `ok` (bool scalar, the same on every replica),
+    `loss_ok`, the checked gradient values and their indices among those given."""
 
 
 _GUARDS = weakref.WeakKeyDictionary()
@@ -239,11 +250,30 @@ class FailureGuard:
             )
         return self._flags[size]
 
+    def verdict(self, policy, loss, grads):
+        """Whether the step is finite, as `policy` asks: a `Verdict`.
+
+        Args:
+            policy: the `NumericsPolicy`.
+            loss: the unscaled scalar loss.
+            grads: the gradients to check (None entries allowed), if the
+                policy checks gradients.
+        """
+        present = [i for i, g in enumerate(grads) if g is not None]
+        checked = [_values(grads[i]) for i in present] if policy.check_gradients else []
+        loss_ok = all_finite([loss])
+        ok = tf.logical_and(loss_ok, gradients_finite(checked)) if checked else loss_ok
+        if private.needs_merge_call():
+            # Every replica must take the same decision (finite only if all
+            # are) and report the same cause.
+            bad = _any_replica(tf.stack([tf.logical_not(ok), tf.logical_not(loss_ok)]))
+            ok, loss_ok = tf.unstack(tf.logical_not(bad))
+        return Verdict(present, checked, loss_ok, ok)
+
     def guard(
         self,
         policy,
-        loss,
-        grads,
+        verdict,
         names,
         step,
         update,
@@ -256,10 +286,9 @@ class FailureGuard:
 
         Args:
             policy: the `NumericsPolicy`.
-            loss: the unscaled scalar loss.
-            grads: the gradients to check (None entries allowed), if the
-                policy checks gradients; their names are `names`.
-            names: the `variable.path` of each gradient, for the error.
+            verdict: the step's `Verdict`, from `verdict()`.
+            names: the `variable.path` of each gradient given to `verdict()`,
+                for the error.
             step: int64 scalar, the number of this step.
             update: callable doing the whole update from `args`.
             restore: optional callable run with `args` on failure instead
@@ -274,16 +303,8 @@ class FailureGuard:
         Returns:
             A float32 scalar: 1.0 if the step was skipped, else 0.0.
         """
-        present = [i for i, g in enumerate(grads) if g is not None]
-        checked = [_values(grads[i]) for i in present] if policy.check_gradients else []
-        loss_ok = all_finite([loss])
-        ok = tf.logical_and(loss_ok, gradients_finite(checked)) if checked else loss_ok
+        present, checked, loss_ok, ok = verdict
         merge = private.needs_merge_call()
-        if merge:
-            # Every replica must take the same decision: finite only if all are.
-            context = tf.distribute.get_replica_context()
-            bad = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(~ok, tf.int32))
-            ok = tf.equal(bad, 0)
         self.names = list(names)
         self.max_consecutive = policy.max_consecutive
         flags = self._flag_variable(len(names)) if checked else None
@@ -299,8 +320,11 @@ class FailureGuard:
             failed = tf.logical_not(ok)  # False for a step blocked by an earlier failure
             what = tf.where(loss_ok, 0, _LOSS)
             if checked:
-                bad = [tf.logical_not(all_finite([g])) for g in checked]
-                what += tf.where(tf.reduce_any(tf.stack(bad)), _GRADIENTS, 0)
+                bad = tf.stack([tf.logical_not(all_finite([g])) for g in checked])
+                if merge:
+                    bad = _any_replica(bad)  # a gradient bad on any replica is named
+                what += tf.where(tf.reduce_any(bad), _GRADIENTS, 0)
+                bad = tf.unstack(bad)
             if policy.skip:
                 self.skipped_total.assign_add(tf.cast(failed, tf.int64))
                 self.consecutive.assign_add(tf.cast(failed, tf.int64))
@@ -427,6 +451,12 @@ class FailureGuard:
 
         checked.__wrapped__ = function
         return checked
+
+
+def _any_replica(flags):
+    """Bool tensor: each flag OR-ed over the replicas (one all-reduce)."""
+    context = tf.distribute.get_replica_context()
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(flags, tf.int32)) > 0
 
 
 def _for_message(step):

@@ -226,6 +226,14 @@ class StepPipeline:
         if lso and reads_gradients:
             grads_and_vars, rescale, finite = self._unscale(grads_and_vars)
 
+        # Gradients are checked raw, before any transform could hide an inf.
+        # Under a loss-scale optimizer an overflow is the optimizer's business:
+        # it skips the step and halves the scale, as in plain Keras.
+        checked = [] if lso else raw
+        verdict = None
+        if self.guard is not None:
+            verdict = self.guard.verdict(options.numerics, loss, [g for g, _ in checked])
+
         self.build_transforms(variables)
         kept = self.transform_variables()
         kept_ids = {id(v) for v in kept}
@@ -247,7 +255,15 @@ class StepPipeline:
         if options.summarize_gradients:
             self._summarize(grads_and_vars, step, in_xla)
         if telemetry is not None:
-            telemetry.record(step, before, grads_and_vars, bool(options.transforms))
+            # A step that will not be applied is not recorded: its number is
+            # the next applied update's.
+            applies = [] if verdict is None else [verdict.ok]
+            if rescale is not None:
+                applies.append(finite)
+            telemetry.record(
+                step, before, grads_and_vars, bool(options.transforms),
+                applies=tf.reduce_all(tf.stack(applies)) if applies else None,
+            )
 
         if rescale is not None:
             grads_and_vars = rescale(grads_and_vars)
@@ -286,14 +302,9 @@ class StepPipeline:
         if self.guard is None:
             apply_update(*args)
             return tf.constant(0.0)
-        # Gradients are checked raw, before any transform could hide an inf.
-        # Under a loss-scale optimizer an overflow is the optimizer's business:
-        # it skips the step and halves the scale, as in plain Keras.
-        checked = [] if lso else raw
         return self.guard.guard(
             options.numerics,
-            loss,
-            [g for g, _ in checked],
+            verdict,
             [summaries.variable_name(v) for _, v in checked],
             step,
             apply_update,

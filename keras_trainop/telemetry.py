@@ -73,7 +73,7 @@ class GradientTelemetry:
             }
         return self._state
 
-    def record(self, step, before, after, transformed):
+    def record(self, step, before, after, transformed, applies=None):
         """Records statistics of this step if it is due (called by the pipeline).
 
         Args:
@@ -81,14 +81,23 @@ class GradientTelemetry:
             before: `(gradient, variable)` pairs before the transforms.
             after: the pairs after the transforms.
             transformed: whether there are transforms (a clipped norm exists).
+            applies: None, or a bool scalar: False when the update will not be
+                applied (a skipped step), which is then neither recorded nor
+                counted in the logged norms.
         """
         before_norm = _global_norm(before)
         after_norm = _global_norm(after) if transformed else before_norm
         if self.log_metrics and self.norm_tracker is not None:
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            self.norm_tracker.update_state(before_norm, sample_weight=1.0 / replicas)
+            weight = 1.0 / replicas
+            logged = [before_norm, after_norm]
+            if applies is not None:
+                # Weight 0 alone would not do: nan * 0 is nan.
+                weight = tf.cast(applies, tf.float32) * weight
+                logged = [tf.where(applies, n, 0.0) for n in logged]
+            self.norm_tracker.update_state(logged[0], sample_weight=weight)
             if transformed:
-                self.clipped_norm_tracker.update_state(after_norm, sample_weight=1.0 / replicas)
+                self.clipped_norm_tracker.update_state(logged[1], sample_weight=weight)
         if not self.active:
             return
         pairs = [(g, v) for g, v in after if g is not None]
@@ -117,6 +126,8 @@ class GradientTelemetry:
                 put("histograms", tf.stack([summaries.histogram_buckets(g) for g in grads]))
 
         due = tf.equal(step % self.update_freq, 0)
+        if applies is not None:
+            due = tf.logical_and(due, applies)
         args = (step, before_norm, after_norm, tuple(grads))
         if private.needs_merge_call():
             from keras_trainop.numerics import _cross_replica_cond

@@ -66,8 +66,8 @@ def main():
         [v.numpy() for v in reference.optimizer.variables],
     )
     # check_numerics="skip": the bad step is skipped on every replica, counted once.
+    from test_numerics import SENTINEL, poison
     from test_numerics import model as poisonable_model
-    from test_numerics import poison
 
     def poisonable(policy):
         with strategy.scope():
@@ -89,6 +89,22 @@ def main():
         results["all_error"] = None
     except kt.NonFiniteError as e:
         results["all_error"] = [e.step, e.what, e.variables]
+    # The same failures on the second replica only: still reported for what they are.
+    half = BATCH // 2  # each replica gets half of the global batch
+    on_second = y.copy()
+    on_second[2 * BATCH + half + 1] = np.nan
+    try:
+        fit(compiled(strategy, kt.Model), x, on_second)
+        results["second_replica_loss"] = None
+    except kt.NonFiniteError as e:
+        results["second_replica_loss"] = [e.step, e.what]
+    x_second = x.copy()
+    x_second[BATCH + half + 1, 0] = SENTINEL
+    try:
+        fit(poisonable("all"), x_second, y)
+        results["second_replica_all"] = None
+    except kt.NonFiniteError as e:
+        results["second_replica_all"] = [e.step, e.what, e.variables]
     # GradientTensorBoard: one record per step, of the reduced gradients.
     import tempfile
 

@@ -210,6 +210,30 @@ def test_indexed_slices_gradients(mode, tmp_path):
     assert histogram[:, 2].sum() == BATCH * 3 * 4  # the IndexedSlices values: rows x dim
 
 
+def all_records(acc):
+    return {tag: [(e.step, tf.make_ndarray(e.tensor_proto).tolist()) for e in acc.Tensors(tag)]
+            for tag in acc.Tags()["tensors"]}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_skipped_step_is_not_recorded(mode, tmp_path):
+    # Oracle: the same run without the bad batch: the same records at the same steps.
+    x, y = regression_data()
+    bad_y = y.copy()
+    bad_y[2 * BATCH + 1] = np.nan  # the third batch is skipped
+    keep = np.r_[0 : 2 * BATCH, 3 * BATCH : 4 * BATCH]
+    histories = []
+    for name, (xs, ys) in {"skip": (x, bad_y), "clean": (x[keep], y[keep])}.items():
+        model = compiled(mode, check_numerics="skip")
+        callback = kt.GradientTensorBoard(tmp_path / name, update_freq=1, metrics=True)
+        histories.append(fit(model, xs, ys, [callback]).history)
+    skipped, clean = read(str(tmp_path / "skip")), read(str(tmp_path / "clean"))
+    assert [e.step for e in skipped.Tensors("global_norm/gradient_norm")] == [1, 2, 3]
+    assert all_records(skipped) == all_records(clean)
+    assert histories[0]["skipped_steps"] == [1.0]
+    np.testing.assert_allclose(histories[0]["grad_norm"], histories[1]["grad_norm"], rtol=1e-6)
+
+
 def test_non_finite_gradients_are_left_out_of_histograms(tmp_path):
     x, y = regression_data()
     y = y.copy()

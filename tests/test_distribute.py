@@ -51,6 +51,12 @@ def test_all_policy_names_the_gradient_under_mirrored(mirrored):
     assert mirrored["all_error"] == [3, "gradients", ["poisonable/kernel"]]
 
 
+def test_a_failure_on_the_second_replica_only_is_named_for_what_it_is(mirrored):
+    # check_numerics=True checks the loss only: the error says "loss", not "gradients".
+    assert mirrored["second_replica_loss"] == [3, "loss"]
+    assert mirrored["second_replica_all"] == [2, "gradients", ["poisonable/kernel"]]
+
+
 def test_gradient_tensorboard_records_the_reduced_gradients_once(mirrored):
     assert mirrored["callback_steps"] == [2, 4]
     # Oracle: the single-device gradient of the same global batch.
