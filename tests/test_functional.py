@@ -406,6 +406,9 @@ def test_check_numerics_graph_raises_invalid_argument():
         fn(np.array([np.nan, 1.0], "float32"))
     assert all(np.array_equal(p, q) for p, q in zip(before, _state(w, opt)))
     assert int(opt.iterations) == 1
+    # The documented way to get the error that says what failed.
+    with pytest.raises(kt.NonFiniteError, match="the loss is inf or nan at step 2"):
+        step.raise_if_failed()
 
 
 def test_check_numerics_jit_blocks_then_raise_if_failed():
@@ -489,6 +492,35 @@ def test_create_train_op_applies_one_update(mode):
     np.testing.assert_allclose(npv(b), b_ref, **TOL)
     assert npv(unread).tolist() == [7.0] and float(npv(scale)) == 2.0
     assert int(opt.iterations) == 2
+
+
+@pytest.mark.parametrize("mode", GRAPH_MODES)
+def test_create_train_op_options(mode):
+    # Oracle: SGD by hand on the linear model, with b frozen, the gradient
+    # halved by the transform, an update op and a global step counting updates.
+    w, b = tf.Variable(W0, name="w"), tf.Variable(B0, name="b")
+    counter = tf.Variable(0, dtype=tf.int64, name="counter")
+    ran = tf.Variable(0.0, name="ran")
+    opt = keras.optimizers.SGD(LR)
+
+    def halve(grads_and_vars):
+        return [(None if g is None else g * 0.5, v) for g, v in grads_and_vars]
+
+    @tf.function(jit_compile=mode == "jit")
+    def train(x, y):
+        return kt.create_train_op(
+            mse(x, y, w, b), opt, global_step=counter, variables_to_train=[w],
+            transform_grads_fn=halve, update_ops=[lambda: ran.assign_add(1.0)],
+        )
+
+    w_ref = W0.astype("float64")
+    for x, y in BATCHES[:2]:
+        train(x, y)
+        _, gw, _ = np_loss_grads(x, y, w_ref, B0)
+        w_ref = w_ref - LR * 0.5 * gw
+    np.testing.assert_allclose(npv(w), w_ref, **TOL)
+    assert npv(b).tolist() == B0.tolist()
+    assert int(counter.numpy()) == 2 and float(ran.numpy()) == 2.0 and int(opt.iterations) == 2
 
 
 def test_create_train_op_eager_points_to_create_train_step():

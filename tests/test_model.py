@@ -216,9 +216,14 @@ def test_aggregation_and_gating_act_through_tf_gradients(mode, options, tf_gradi
     assert max_abs_diff(ours.get_weights(), theirs.get_weights()) == 0
 
 
-def test_aggregation_warns_once_when_eager_and_uses_the_tape(tf_gradients_calls):
+@pytest.mark.parametrize("options", [
+    {"aggregation_method": tf.AggregationMethod.EXPERIMENTAL_TREE},
+    {"gate_gradients": kt.GATE_NONE},
+    {"gate_gradients": kt.GATE_GRAPH},
+], ids=["aggregation", "gate_none", "gate_graph"])
+def test_tf1_gradient_options_warn_once_when_eager_and_use_the_tape(options, tf_gradients_calls):
     x, y = regression_data()
-    ours, theirs = pair("eager", aggregation_method=tf.AggregationMethod.EXPERIMENTAL_TREE)
+    ours, theirs = pair("eager", **options)
     with pytest.warns(UserWarning, match="cannot act") as record:
         fit(ours, x, y, epochs=2)
     assert len([w for w in record if "cannot act" in str(w.message)]) == 1
@@ -353,7 +358,9 @@ def test_variables_to_train_leaves_the_rest_untouched(mode, form):
     x, y = regression_data()
     model = mlp(kt.Model)
     initial = {v.path: v.numpy() for v in model.trainable_variables}
-    model.compile(keras.optimizers.Adam(0.05), "mse", variables_to_train=SELECTIONS[form](model), **mode_kwargs(mode))
+    optimizer = keras.optimizers.Adam(0.05)
+    optimizer.build(model.trainable_variables)  # slots for every variable, selected or not
+    model.compile(optimizer, "mse", variables_to_train=SELECTIONS[form](model), **mode_kwargs(mode))
     fit(model, x, y)
     oracle = frozen_oracle(mode, {"hidden/kernel", "out/bias"})
     fit(oracle, x, y)
@@ -361,10 +368,12 @@ def test_variables_to_train_leaves_the_rest_untouched(mode, form):
     for v in model.trainable_variables:
         changed = not np.array_equal(v.numpy(), initial[v.path])
         assert changed == (v.path in {"hidden/kernel", "out/bias"}), v.path
-    # The slots of the unselected variables never moved.
-    for slot in model.optimizer.variables:
-        if "hidden_bias" in slot.path or "out_kernel" in slot.path:
-            assert not np.any(slot.numpy()), slot.path
+    # The slots of the unselected variables exist and never moved; the others did.
+    slots = {s.path: s.numpy() for s in model.optimizer.variables if s.path.endswith(("_momentum", "_velocity"))}
+    unselected = [p for p in slots if "hidden_bias" in p or "out_kernel" in p]
+    assert len(unselected) == 4 and len(slots) == 8, sorted(slots)
+    for path, value in slots.items():
+        assert np.any(value) == (path not in unselected), path
 
 
 def test_variables_to_train_errors_name_the_culprits():

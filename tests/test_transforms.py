@@ -432,6 +432,23 @@ def test_partition_needs_exactly_one_label_per_variable(labels, default_label, m
         run(transform, make_grads("float32", False), list(variables.values()), "eager", "float32")
 
 
+def swap_for_tf_variable(grads_and_vars):
+    """A faulty child: returns the tf.Variable under each Keras variable."""
+    return [(g, v.value) for g, v in grads_and_vars]
+
+
+@pytest.mark.parametrize("combinator", [
+    lambda child: T.masked(child, "kernel"),
+    lambda child: T.partition({"a": child}, {}, default_label="a"),
+], ids=["masked", "partition"])
+def test_a_combinator_refuses_a_child_that_returns_a_foreign_variable(combinator):
+    # Before: the pair was silently dropped and the variable stopped training.
+    variables = make_variables("float32")
+    with pytest.raises(ValueError, match="which it was not given"):
+        run(combinator(swap_for_tf_variable), make_grads("float32", False),
+            list(variables.values()), "eager", "float32")
+
+
 # -- construction-time validation ------------------------------------------------------
 
 

@@ -34,10 +34,30 @@ def _check_transform(name, value, allow_none=False):
     )
 
 
+def _run_child(transform, pairs):
+    """`transform(pairs)` as a dict from `id(variable)` to its output pair.
+
+    A child may drop pairs, never return a variable it was not given (it would
+    be lost here, and that variable would silently stop training).
+    """
+    given = {id(v) for _, v in pairs}
+    out = {}
+    for g, v in transform(list(pairs)):
+        if id(v) not in given:
+            raise ValueError(
+                f"The transform {transform!r} returned a pair for variable "
+                f"{variable_name(v)!r}, which it was not given. A transform may "
+                "drop pairs or change gradients, never add variables (or swap a "
+                "variable for another object, such as `variable.value`)."
+            )
+        out[id(v)] = (g, v)
+    return out
+
+
 def _apply_to_subset(transform, grads_and_vars, selected):
     """Runs `transform` on the selected pairs; the others stay where they were."""
     subset = [p for p, keep in zip(grads_and_vars, selected) if keep]
-    out = {id(v): (g, v) for g, v in transform(subset)} if transform is not None else {}
+    out = _run_child(transform, subset) if transform is not None else {}
     result = []
     for pair, keep in zip(grads_and_vars, selected):
         if not keep:
@@ -238,7 +258,7 @@ class Partition(_Combinator):
         for label, transform in self.transforms.items():
             group = [p for p, lb in zip(grads_and_vars, by_label) if lb == label]
             if group and transform is not None:  # a frozen group adds nothing
-                out.update({id(v): (g, v) for g, v in transform(group)})
+                out.update(_run_child(transform, group))
         return [out[id(v)] for _, v in grads_and_vars if id(v) in out]
 
     def get_config(self):
