@@ -85,10 +85,20 @@ class GradientTelemetry:
                 applied (a skipped step), which is then neither recorded nor
                 counted in the logged norms.
         """
-        before_norm = _global_norm(before)
-        after_norm = _global_norm(after) if transformed else before_norm
-        if self.log_metrics and self.norm_tracker is not None:
+        logs_norms = self.log_metrics and self.norm_tracker is not None
+        pairs = [(g, v) for g, v in after if g is not None]
+        grads = [summaries.gradient_values(g) for g, _ in pairs]
+        if (logs_norms or self.active) and _per_replica():
+            # The norms of the reduced gradients, as the optimizer will apply
+            # them (a replica's own gradient is only its share). Only a trace
+            # that logs or records pays for this all-reduce.
+            before_norm, after_norm, grads = _reduced(before, pairs, transformed)
+        else:
+            before_norm = _global_norm(before)
+            after_norm = _global_norm(after) if transformed else before_norm
+        if logs_norms:
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            # Every replica reports the same norms; the metric sums replicas.
             weight = 1.0 / replicas
             logged = [before_norm, after_norm]
             if applies is not None:
@@ -100,15 +110,9 @@ class GradientTelemetry:
                 self.clipped_norm_tracker.update_state(logged[1], sample_weight=weight)
         if not self.active:
             return
-        pairs = [(g, v) for g, v in after if g is not None]
         self.names = [summaries.variable_name(v) for _, v in pairs]
         self.transformed = transformed
         state = self._variables(len(pairs))
-        grads = [summaries.gradient_values(g) for g, _ in pairs]
-        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
-            # Record the reduced gradients, as the optimizer will apply them:
-            # only the recording trace pays for this all-reduce.
-            before_norm, after_norm, grads = _reduced(before, pairs, transformed)
 
         def write(step, before_norm, after_norm, grads):
             slot = tf.cast((step // self.update_freq) % self.slots, tf.int32)
@@ -167,6 +171,10 @@ class GradientTelemetry:
 def _global_norm(pairs):
     values = [tf.cast(summaries.gradient_values(g), tf.float32) for g, _ in pairs if g is not None]
     return tf.linalg.global_norm(values) if values else tf.constant(0.0)
+
+
+def _per_replica():
+    return tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
 
 
 def _reduced(before, after, transformed):

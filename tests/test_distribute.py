@@ -61,3 +61,9 @@ def test_gradient_tensorboard_records_the_reduced_gradients_once(mirrored):
     assert mirrored["callback_steps"] == [2, 4]
     # Oracle: the single-device gradient of the same global batch.
     assert abs(mirrored["callback_first_norm"] - mirrored["single_device_norm"]) <= 1e-5 * mirrored["single_device_norm"]
+
+
+def test_the_logged_grad_norm_is_the_norm_of_the_reduced_gradients(mirrored):
+    # Oracle: the mean over the epoch of the single-device gradient norms.
+    assert abs(mirrored["logged_grad_norm"] - mirrored["single_device_mean_norm"]) <= (
+        1e-5 * mirrored["single_device_mean_norm"])
