@@ -158,6 +158,11 @@ class TrainOpModel:
         if [id(v) for v in tracked] != [id(v) for v in state]:
             tracked.clear()
             tracked.extend(state)
+            # A Keras TrackedList is not a TensorFlow trackable: a public
+            # tf.Module holds the same variables for tf.train.Checkpoint.
+            holder = _TransformState()
+            holder.state = list(state)
+            self._transform_checkpoint_state = holder
 
     def _owner_name(self):
         return f"model {self.name!r}"
@@ -314,3 +319,7 @@ class Model(TrainOpModel, keras.Model):
 @keras.saving.register_keras_serializable(package="keras_trainop")
 class Sequential(TrainOpModel, keras.Sequential):
     """A `keras.Sequential` with keras_trainop's `compile()` options."""
+
+
+class _TransformState(tf.Module):
+    """The transforms' state variables, as tf.train.Checkpoint dependencies."""

@@ -175,9 +175,7 @@ def test_keras_file_round_trip_of_every_builtin_resumes_exactly(mode, tmp_path):
 
 @pytest.mark.parametrize("save", [
     "weights_file",  # what keras.callbacks.ModelCheckpoint(save_weights_only=True) writes
-    pytest.param("tf_checkpoint", marks=pytest.mark.xfail(strict=True, reason=(
-        "core: TrainOpModel keeps the state in a Keras TrackedList "
-        "(grad_transform_variables), which tf.train.Checkpoint does not track"))),
+    "tf_checkpoint",
 ])
 def test_checkpoints_save_and_restore_transform_state(save, tmp_path):
     x, y = token_data()
