@@ -12,11 +12,12 @@ import pytest
 import tensorflow as tf
 
 import keras_trainop as kt
-from conftest import max_abs_diff, mlp, mode_kwargs, optimizer_state, regression_data
+from conftest import MODES, max_abs_diff, mlp, mode_kwargs, optimizer_state, regression_data
 
 X, Y = regression_data()
 STEPS_PER_EPOCH = 4  # 64 samples, batch 16.
 EAGER_GRADIENTS_WARNING = "cannot act when the step runs eagerly"
+XLA_SUMMARIES_WARNING = "cannot write summaries from inside an XLA-compiled step"
 
 
 @keras.saving.register_keras_serializable(package="kt_tests")
@@ -41,6 +42,15 @@ class ScaleGradients:
 def clip_small(grads_and_vars):
     """A registered transform function."""
     return [(tf.clip_by_value(g, -0.05, 0.05), v) for g, v in grads_and_vars]
+
+
+UPDATE_OP_RUNS = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+
+@keras.saving.register_keras_serializable(package="kt_tests")
+def count_update_op():
+    """A registered update op: counts the steps it runs in."""
+    UPDATE_OP_RUNS.assign_add(1)
 
 
 def unregistered_double(grads_and_vars):
@@ -131,7 +141,7 @@ DEFAULTS = {
     "global_step": kt.USE_GLOBAL_STEP,
 }
 
-# name: (compile options, what `train_options` must hold, whether they warn eagerly)
+# name: (compile options, what `train_options` must hold, the warning each mode gives)
 CASES = {
     "grad_transforms": (
         lambda: dict(
@@ -147,7 +157,7 @@ CASES = {
             colocate_gradients_with_ops=True,
             check_numerics=False,
         ),
-        False,
+        {"jit": XLA_SUMMARIES_WARNING},
     ),
     "transform_grads_fn": (
         lambda: dict(
@@ -163,7 +173,17 @@ CASES = {
             gate_gradients=2,
             global_step=None,
         ),
-        True,
+        {"eager": EAGER_GRADIENTS_WARNING},
+    ),
+    "numerics_all_and_update_ops": (
+        lambda: dict(check_numerics="all", update_ops=[count_update_op]),
+        dict(DEFAULTS, check_numerics="all", update_ops=[count_update_op]),
+        {},
+    ),
+    "numerics_skip": (
+        lambda: dict(check_numerics=kt.SkipNonFinite(max_consecutive=3)),
+        dict(DEFAULTS, check_numerics=kt.SkipNonFinite(max_consecutive=3)),
+        {},
     ),
     "single_function": (
         lambda: dict(
@@ -178,14 +198,14 @@ CASES = {
             aggregation_method=tf.AggregationMethod.ADD_N,
             gate_gradients=0,
         ),
-        True,
+        {"eager": EAGER_GRADIENTS_WARNING},
     ),
 }
 
 
 def check_round_trip(build, case, mode, tmp_path):
-    options, expected, warns_eagerly = CASES[case]
-    warning = EAGER_GRADIENTS_WARNING if warns_eagerly and mode == "eager" else None
+    options, expected, warnings_by_mode = CASES[case]
+    warning = warnings_by_mode.get(mode)
     model = build()
     model.compile(
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
@@ -193,6 +213,7 @@ def check_round_trip(build, case, mode, tmp_path):
         **mode_kwargs(mode),
         **options(),
     )
+    runs = int(UPDATE_OP_RUNS.numpy())
     fit(model, warning)
     loaded = save_and_load(model, tmp_path)
 
@@ -205,21 +226,24 @@ def check_round_trip(build, case, mode, tmp_path):
     assert max_abs_diff(optimizer_state(loaded), optimizer_state(model)) == 0
     assert max_abs_diff(loaded.get_weights(), model.get_weights()) == 0
     before = model.get_weights()
-    fit(model)  # The eager warning is given once per model.
+    fit(model)  # A mode warning is given once per model.
     fit(loaded, warning)
     assert max_abs_diff(model.get_weights(), before) > 0  # The comparison is not vacuous.
     assert max_abs_diff(loaded.get_weights(), model.get_weights()) == 0
     assert max_abs_diff(optimizer_state(loaded), optimizer_state(model)) == 0
     assert int(loaded.optimizer.iterations) == 2 * STEPS_PER_EPOCH
+    # The update ops ran at every step of the three fits, the loaded model's included.
+    counts = count_update_op in expected["update_ops"]
+    assert int(UPDATE_OP_RUNS.numpy()) - runs == (3 * STEPS_PER_EPOCH if counts else 0)
 
 
-@pytest.mark.parametrize("mode", ["graph", "eager"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_functional_round_trip(case, mode, tmp_path):
     check_round_trip(functional, case, mode, tmp_path)
 
 
-@pytest.mark.parametrize("mode", ["graph", "eager"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("build", [sequential, subclassed], ids=["sequential", "subclassed"])
 def test_sequential_and_subclassed_round_trip(build, mode, tmp_path):
     check_round_trip(build, "transform_grads_fn", mode, tmp_path)
