@@ -41,7 +41,13 @@ def mlp(cls=keras.Model, features=4, hidden=8, seed=0, batchnorm=False):
 
 
 def max_abs_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(p) - np.asarray(q)))) for p, q in zip(a, b))
+    """The largest elementwise difference of two equally long lists of equally shaped arrays."""
+    a, b = list(a), list(b)
+    assert len(a) == len(b), f"{len(a)} arrays against {len(b)}"
+    assert a, "nothing to compare"
+    for p, q in zip(a, b):
+        assert np.shape(p) == np.shape(q), f"shape {np.shape(p)} against {np.shape(q)}"
+    return max(float(np.max(np.abs(np.asarray(p) - np.asarray(q)), initial=0.0)) for p, q in zip(a, b))
 
 
 def optimizer_state(model):

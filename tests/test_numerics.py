@@ -121,15 +121,16 @@ def test_loss_policy_does_not_see_a_non_finite_gradient(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_non_finite_loss_from_the_loss_function(mode):
+@pytest.mark.parametrize("target", [-1001.0, -1000.5], ids=["nan", "inf"])
+def test_non_finite_loss_from_the_loss_function(mode, target):
     x, y = regression_data()
 
     def log_loss(y_true, y_pred):
-        # log of a negative number for the batch whose target is -1000.
+        # For the batch holding the target: log(-0.5) = nan, or log(0) = -inf.
         return tf.reduce_mean(tf.math.log(y_true + 1000.5) + tf.square(y_true - y_pred))
 
     y = y.copy()
-    y[BATCH + 4] = -1001.0  # 2nd step: log(-0.5) = nan
+    y[BATCH + 4] = target  # the 2nd step
     m = compiled(mode, "all", loss=log_loss)
     reference = compiled(mode, "all", loss=log_loss)
     # The nan term does not depend on the prediction: the gradients stay finite.
@@ -166,11 +167,12 @@ def test_skip_policy_skips_bad_steps_and_counts_them(mode, steps_per_execution):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_skip_policy_raises_after_too_many_consecutive_skips(mode):
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+def test_skip_policy_raises_after_too_many_consecutive_skips(mode, steps_per_execution):
     x, y = regression_data(n=96)
     bad_x, bad_y = poison(x, y, batch=1, how="nan_y")
     bad_x, bad_y = poison(bad_x, bad_y, batch=3, how="nan_y")  # not consecutive: fine
-    m = compiled(mode, kt.SkipNonFinite(max_consecutive=1))
+    m = compiled(mode, kt.SkipNonFinite(max_consecutive=1), steps_per_execution)
     assert fit(m, bad_x, bad_y).history["skipped_steps"] == [2.0]
     bad_x, bad_y = poison(x, y, batch=2, how="inf_y")
     bad_x, bad_y = poison(bad_x, bad_y, batch=3, how="gradient")  # two in a row: 6+3, 6+4
@@ -234,6 +236,53 @@ def test_functional_skip_counts_and_goes_on(mode):
     np.testing.assert_allclose(b.numpy(), b_ref, rtol=1e-6)
 
 
+def poisonable_linear_step():
+    """A functional step whose loss stays finite while `k`'s gradient is nan for a SENTINEL input."""
+    k = keras.Variable(np.ones(2, "float32"), name="k")
+    b = keras.Variable(np.zeros(1, "float32"), name="b")
+    opt = keras.optimizers.Adam(0.1)
+    layer = PoisonableScale()
+    layer.kernel = k
+
+    def loss(x, y):
+        return tf.reduce_mean(tf.square(tf.reduce_sum(layer.call(x), axis=-1) + b - y))
+
+    return kt.create_train_step(loss, opt, check_numerics="all", variables_to_train=lambda: [k, b]), k, b, opt
+
+
+# Eagerly the step raises NonFiniteError; in a tf.function the graph's assertion
+# raises InvalidArgumentError (its base class); under XLA nothing can raise and
+# the step is blocked. In every mode raise_if_failed() then says what failed.
+RAISED = {"eager": kt.NonFiniteError, "graph": tf.errors.InvalidArgumentError, "jit": None}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_functional_all_names_a_single_layer_gradient(mode):
+    step, k, b, opt = poisonable_linear_step()
+    run = FUNCTIONAL_MODES[mode](step)
+    good_x, y = tf.constant([[1.0, 2.0]]), tf.constant([1.0])
+    run(good_x, y)
+    before = [v.numpy() for v in [k, b, *opt.variables]]
+    bad_x = tf.constant([[SENTINEL, 2.0]])
+    expected = RAISED[mode]
+    try:
+        run(bad_x, y)
+        raised = None
+    except tf.errors.InvalidArgumentError as e:
+        raised = e
+    assert type(raised) is expected or (raised is None and expected is None)
+    failure = raised if isinstance(raised, kt.NonFiniteError) else None
+    if failure is None:
+        with pytest.raises(kt.NonFiniteError) as info:
+            step.raise_if_failed()
+        failure = info.value
+    assert (failure.step, failure.what, failure.variables) == (2, "gradients", ["k"])
+    assert "gradients of 'k' are inf or nan" in str(failure)
+    # Oracle: the state after the good step, unchanged (Adam's slots and iterations included).
+    assert max_abs_diff([v.numpy() for v in [k, b, *opt.variables]], before) == 0
+    assert int(opt.iterations) == 1
+
+
 # -- mixed precision: an overflow is the loss-scale optimizer's business ------------------
 
 
@@ -251,14 +300,16 @@ def clip_by_value(grads_and_vars):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("policy", ["all", "skip"])
-def test_loss_scale_overflow_is_skipped_not_reported(mode, policy, mixed_float16):
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+def test_loss_scale_overflow_is_skipped_not_reported(mode, policy, steps_per_execution, mixed_float16):
     x, y = regression_data()
     x = x * 30.0  # the first steps overflow float16 at the initial scale
     ours = compiled(mode, policy)
     keras.utils.set_random_seed(0)
     theirs = model(keras.Model)
-    ours.compile(keras.optimizers.SGD(0.01), "mse", check_numerics=policy, transform_grads_fn=clip_by_value, **mode_kwargs(mode))
-    theirs.compile(keras.optimizers.SGD(0.01, clipvalue=0.1), "mse", **mode_kwargs(mode))
+    per_call = dict(steps_per_execution=steps_per_execution, **mode_kwargs(mode))
+    ours.compile(keras.optimizers.SGD(0.01), "mse", check_numerics=policy, transform_grads_fn=clip_by_value, **per_call)
+    theirs.compile(keras.optimizers.SGD(0.01, clipvalue=0.1), "mse", **per_call)
     history = fit(ours, x, y)
     fit(theirs, x, y)
     # No error, the same skips and scale as plain Keras (which unscales, then clips).
