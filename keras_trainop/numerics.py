@@ -164,28 +164,32 @@ def all_finite(tensors):
 _IN_PLACE = 1 << 16  # elements: a larger gradient is checked where it is, not copied
 
 
-def gradients_finite(grads):
-    """One check that every gradient is finite (None gradients ignored).
+def gradient_flags(grads):
+    """Per-tensor finiteness of `grads` (no None), in few ops whatever their number.
 
-    Few ops whatever the number of gradients: a large gradient is reduced in
-    place; small ones are stacked per (dtype, shape), one reduction per group
-    (no cast, so a large float64 value cannot become inf). A nested XLA
-    cluster would fuse it all into one kernel, but its launch waits for every
-    gradient and measured slower on a CPU than these few ops.
+    A large gradient is reduced in place; small ones are stacked per (dtype,
+    shape), one reduction per group that keeps one flag per tensor (no cast,
+    so a large float64 value cannot become inf). A nested XLA cluster would
+    fuse it all into one kernel, but its launch waits for every gradient and
+    measured slower on a CPU than these few ops.
+
+    Returns:
+        `(flags, order)`: a bool vector with one flag per gradient, True when
+        finite, and the index in `grads` of each flag.
     """
-    values = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads if g is not None]
-    if not values:
-        return tf.constant(True)
-    flags, groups = [], {}
-    for t in values:
+    flags, order, groups = [], [], {}
+    for i, t in enumerate(grads):
         size = t.shape.num_elements()
         if size is not None and size <= _IN_PLACE:
-            groups.setdefault((t.dtype, tuple(t.shape)), []).append(t)
+            groups.setdefault((t.dtype, tuple(t.shape)), []).append(i)
         else:
-            flags.append(tf.reduce_all(tf.math.is_finite(t)))
-    for group in groups.values():
-        flags.append(tf.reduce_all(tf.math.is_finite(group[0] if len(group) == 1 else tf.stack(group))))
-    return flags[0] if len(flags) == 1 else tf.reduce_all(tf.stack(flags))
+            flags.append(tf.reshape(tf.reduce_all(tf.math.is_finite(t)), [1]))
+            order.append(i)
+    for (_, shape), indices in groups.items():
+        stacked = tf.stack([grads[i] for i in indices])
+        flags.append(tf.reduce_all(tf.math.is_finite(stacked), axis=list(range(1, len(shape) + 1))))
+        order.extend(indices)
+    return (flags[0] if len(flags) == 1 else tf.concat(flags, 0)), order
 
 
 def _cross_replica_cond(ok, true_fn, false_fn, args):
@@ -210,7 +214,9 @@ def _cross_replica_cond(ok, true_fn, false_fn, args):
 
 class Verdict(collections.namedtuple("Verdict", ["present", "checked", "loss_ok", "ok"])):
     """A step's finiteness: `ok` (bool scalar, the same on every replica),
-    `loss_ok`, the checked gradient values and their indices among those given."""
+    `loss_ok`, and for the gradients checked: `checked`, None or a
+    `(flags, indices)` pair, a bool vector (True: finite) and the index among
+    those given of each flag's gradient (`present`: those not None)."""
 
 
 _GUARDS = weakref.WeakKeyDictionary()
@@ -260,9 +266,12 @@ class FailureGuard:
                 policy checks gradients.
         """
         present = [i for i, g in enumerate(grads) if g is not None]
-        checked = [_values(grads[i]) for i in present] if policy.check_gradients else []
-        loss_ok = all_finite([loss])
-        ok = tf.logical_and(loss_ok, gradients_finite(checked)) if checked else loss_ok
+        loss_ok, ok, checked = all_finite([loss]), None, None
+        if policy.check_gradients and present:
+            flags, order = gradient_flags([_values(grads[i]) for i in present])
+            checked = (flags, [present[j] for j in order])
+            ok = tf.logical_and(loss_ok, tf.reduce_all(flags))
+        ok = loss_ok if ok is None else ok
         if private.needs_merge_call():
             # Every replica must take the same decision (finite only if all
             # are) and report the same cause.
@@ -303,24 +312,26 @@ class FailureGuard:
         Returns:
             A float32 scalar: 1.0 if the step was skipped, else 0.0.
         """
-        present, checked, loss_ok, ok = verdict
+        _, checked, loss_ok, ok = verdict
         merge = private.needs_merge_call()
         self.names = list(names)
         self.max_consecutive = policy.max_consecutive
-        flags = self._flag_variable(len(names)) if checked else None
+        has_flags = checked is not None
+        flags = self._flag_variable(len(names)) if has_flags else None
+        checked_indices = checked[1] if has_flags else []
         update_args = len(args)
         # Under a strategy each branch runs once per replica: everything it
         # reads travels as an argument, never through a closure.
-        args = tuple(args) + (loss_ok, ok, tuple(checked))
+        args = tuple(args) + (loss_ok, ok, checked[0] if has_flags else tf.constant(True))
 
         def on_failure(*all_args):
-            args, (loss_ok, ok, checked) = all_args[:update_args], all_args[update_args:]
+            args, (loss_ok, ok, finite) = all_args[:update_args], all_args[update_args:]
             if restore is not None:
                 restore(*args)
             failed = tf.logical_not(ok)  # False for a step blocked by an earlier failure
             what = tf.where(loss_ok, 0, _LOSS)
-            if checked:
-                bad = tf.stack([tf.logical_not(all_finite([g])) for g in checked])
+            if has_flags:
+                bad = tf.logical_not(finite)
                 if merge:
                     bad = _any_replica(bad)  # a gradient bad on any replica is named
                 what += tf.where(tf.reduce_any(bad), _GRADIENTS, 0)
@@ -338,9 +349,9 @@ class FailureGuard:
             write = tf.logical_and(failed, tf.logical_or(tf.equal(self.failed_step, 0), not in_xla))
             self.failed_step.assign(tf.where(write, step, self.failed_step))
             self.failed_what.assign(tf.where(write, what, self.failed_what))
-            if checked:
+            if has_flags:
                 flag_list = [tf.constant(False)] * len(names)
-                for i, flag in zip(present, bad):
+                for i, flag in zip(checked_indices, bad):
                     flag_list[i] = flag
                 flags.assign(tf.where(write, tf.stack(flag_list), flags))
 
@@ -368,27 +379,41 @@ class FailureGuard:
             return 1.0 - tf.cast(ok, tf.float32)
 
         # Raise policy, eager or graph: the update waits for the assertion.
-        if not checked and not merge:
-            # The loss alone: no tf.cond on the way to the update (it would hold
-            # every update back); the record and the state are rewritten with
-            # `where`, a few cheap ops.
-            failure = self._record_without_cond(ok, loss_ok, step, restore_where, args[:update_args])
-        elif merge:
+        if not merge:
+            # No tf.cond on the way to the update (it would add its latency to
+            # every step); the record and the state are rewritten with `where`,
+            # a few cheap ops.
+            named = None
+            if has_flags:
+                named = (flags, self._in_name_order(tf.logical_not(checked[0]), checked_indices, len(names)))
+            failure = self._record_without_cond(ok, loss_ok, step, restore_where, args[:update_args], named)
+        else:
             # Writing the record syncs replicas: not inside a replica-context cond.
             _cross_replica_cond(ok, lambda *a: None, on_failure, args)
             failure = self.failed_step.read_value()
-        else:
-            failure = tf.cond(ok, lambda: tf.constant(0), lambda: _then_zero(on_failure, args))
         with tf.control_dependencies([failure]):
             check = tf.debugging.Assert(ok, [_MARKER, "(inf or nan) at step", _for_message(step)])
         with tf.control_dependencies([check]):
             update(*args[:update_args])
         return tf.constant(0.0)
 
-    def _record_without_cond(self, ok, loss_ok, step, restore_where, args):
-        ops = [
+    @staticmethod
+    def _in_name_order(bad, indices, count):
+        """`bad[j]` placed at `indices[j]` of a vector of `count` flags (False elsewhere)."""
+        position = {i: j for j, i in enumerate(indices)}
+        padded = tf.concat([bad, [False]], 0)
+        return tf.gather(padded, [position.get(i, len(indices)) for i in range(count)])
+
+    def _record_without_cond(self, ok, loss_ok, step, restore_where, args, named=None):
+        what = tf.where(loss_ok, 0, _LOSS)
+        ops = []
+        if named is not None:
+            flags, bad = named
+            what += tf.where(tf.reduce_any(bad), _GRADIENTS, 0)
+            ops.append(flags.assign(tf.where(ok, flags, bad)))
+        ops += [
             self.failed_step.assign(tf.where(ok, self.failed_step, step)),
-            self.failed_what.assign(tf.where(ok, self.failed_what, tf.where(loss_ok, 0, _LOSS))),
+            self.failed_what.assign(tf.where(ok, self.failed_what, what)),
         ]
         if restore_where is not None:
             ops.extend(restore_where(ok, *args))
@@ -469,6 +494,3 @@ def _values(grad):
     return grad.values if isinstance(grad, tf.IndexedSlices) else grad
 
 
-def _then_zero(fn, args):
-    fn(*args)
-    return tf.constant(0)
