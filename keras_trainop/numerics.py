@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_trainop import _keras_private as private
+from keras_trainop.summaries import gradient_values
 from keras_trainop.variables import state_variable
 
 _MARKER = "keras_trainop: non-finite training step"
@@ -212,11 +213,11 @@ def _cross_replica_cond(ok, true_fn, false_fn, args):
     tf.distribute.get_replica_context().merge_call(cross_replica, args=(ok, args))
 
 
-class Verdict(collections.namedtuple("Verdict", ["present", "checked", "loss_ok", "ok"])):
+class Verdict(collections.namedtuple("Verdict", ["checked", "loss_ok", "ok"])):
     """A step's finiteness: `ok` (bool scalar, the same on every replica),
     `loss_ok`, and for the gradients checked: `checked`, None or a
     `(flags, indices)` pair, a bool vector (True: finite) and the index among
-    those given of each flag's gradient (`present`: those not None)."""
+    those given (None gradients are not checked) of each flag's gradient."""
 
 
 _GUARDS = weakref.WeakKeyDictionary()
@@ -268,7 +269,7 @@ class FailureGuard:
         present = [i for i, g in enumerate(grads) if g is not None]
         loss_ok, ok, checked = all_finite([loss]), None, None
         if policy.check_gradients and present:
-            flags, order = gradient_flags([_values(grads[i]) for i in present])
+            flags, order = gradient_flags([gradient_values(grads[i]) for i in present])
             checked = (flags, [present[j] for j in order])
             ok = tf.logical_and(loss_ok, tf.reduce_all(flags))
         ok = loss_ok if ok is None else ok
@@ -277,7 +278,7 @@ class FailureGuard:
             # are) and report the same cause.
             bad = _any_replica(tf.stack([tf.logical_not(ok), tf.logical_not(loss_ok)]))
             ok, loss_ok = tf.unstack(tf.logical_not(bad))
-        return Verdict(present, checked, loss_ok, ok)
+        return Verdict(checked, loss_ok, ok)
 
     def guard(
         self,
@@ -312,7 +313,7 @@ class FailureGuard:
         Returns:
             A float32 scalar: 1.0 if the step was skipped, else 0.0.
         """
-        _, checked, loss_ok, ok = verdict
+        checked, loss_ok, ok = verdict
         merge = private.needs_merge_call()
         self.names = list(names)
         self.max_consecutive = policy.max_consecutive
@@ -329,13 +330,13 @@ class FailureGuard:
             if restore is not None:
                 restore(*args)
             failed = tf.logical_not(ok)  # False for a step blocked by an earlier failure
-            what = tf.where(loss_ok, 0, _LOSS)
+            bad = None
             if has_flags:
                 bad = tf.logical_not(finite)
                 if merge:
                     bad = _any_replica(bad)  # a gradient bad on any replica is named
-                what += tf.where(tf.reduce_any(bad), _GRADIENTS, 0)
-                bad = tf.unstack(bad)
+                bad = _in_name_order(bad, checked_indices, len(names))
+            what = _cause(loss_ok, bad)
             if policy.skip:
                 self.skipped_total.assign_add(tf.cast(failed, tf.int64))
                 self.consecutive.assign_add(tf.cast(failed, tf.int64))
@@ -350,10 +351,7 @@ class FailureGuard:
             self.failed_step.assign(tf.where(write, step, self.failed_step))
             self.failed_what.assign(tf.where(write, what, self.failed_what))
             if has_flags:
-                flag_list = [tf.constant(False)] * len(names)
-                for i, flag in zip(checked_indices, bad):
-                    flag_list[i] = flag
-                flags.assign(tf.where(write, tf.stack(flag_list), flags))
+                flags.assign(tf.where(write, bad, flags))
 
         def on_success(*all_args):
             update(*all_args[:update_args])
@@ -385,7 +383,7 @@ class FailureGuard:
             # a few cheap ops.
             named = None
             if has_flags:
-                named = (flags, self._in_name_order(tf.logical_not(checked[0]), checked_indices, len(names)))
+                named = (flags, _in_name_order(tf.logical_not(checked[0]), checked_indices, len(names)))
             failure = self._record_without_cond(ok, loss_ok, step, restore_where, args[:update_args], named)
         else:
             # Writing the record syncs replicas: not inside a replica-context cond.
@@ -397,20 +395,13 @@ class FailureGuard:
             update(*args[:update_args])
         return tf.constant(0.0)
 
-    @staticmethod
-    def _in_name_order(bad, indices, count):
-        """`bad[j]` placed at `indices[j]` of a vector of `count` flags (False elsewhere)."""
-        position = {i: j for j, i in enumerate(indices)}
-        padded = tf.concat([bad, [False]], 0)
-        return tf.gather(padded, [position.get(i, len(indices)) for i in range(count)])
-
     def _record_without_cond(self, ok, loss_ok, step, restore_where, args, named=None):
-        what = tf.where(loss_ok, 0, _LOSS)
         ops = []
+        bad = None
         if named is not None:
             flags, bad = named
-            what += tf.where(tf.reduce_any(bad), _GRADIENTS, 0)
             ops.append(flags.assign(tf.where(ok, flags, bad)))
+        what = _cause(loss_ok, bad)
         ops += [
             self.failed_step.assign(tf.where(ok, self.failed_step, step)),
             self.failed_what.assign(tf.where(ok, self.failed_what, what)),
@@ -478,6 +469,21 @@ class FailureGuard:
         return checked
 
 
+def _in_name_order(bad, indices, count):
+    """`bad[j]` placed at `indices[j]` of a vector of `count` flags (False elsewhere)."""
+    position = {i: j for j, i in enumerate(indices)}
+    padded = tf.concat([bad, [False]], 0)
+    return tf.gather(padded, [position.get(i, len(indices)) for i in range(count)])
+
+
+def _cause(loss_ok, bad=None):
+    """The `what` bits of a failure: `_LOSS` unless `loss_ok`, `_GRADIENTS` if any of `bad`."""
+    what = tf.where(loss_ok, 0, _LOSS)
+    if bad is not None:
+        what += tf.where(tf.reduce_any(bad), _GRADIENTS, 0)
+    return what
+
+
 def _any_replica(flags):
     """Bool tensor: each flag OR-ed over the replicas (one all-reduce)."""
     context = tf.distribute.get_replica_context()
@@ -489,8 +495,5 @@ def _for_message(step):
     # wraps it in a tf.cond ("AssertGuard"), which would hold back the update.
     return tf.cast(step, tf.int32)
 
-
-def _values(grad):
-    return grad.values if isinstance(grad, tf.IndexedSlices) else grad
 
 
