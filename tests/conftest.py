@@ -52,3 +52,11 @@ def max_abs_diff(a, b):
 
 def optimizer_state(model):
     return [v.numpy() for v in model.optimizer.variables]
+
+
+@pytest.fixture
+def mixed_float16():
+    """The mixed_float16 dtype policy for one test (Keras then wraps optimizers in a LossScaleOptimizer)."""
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")

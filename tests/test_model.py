@@ -540,13 +540,6 @@ def test_custom_train_step_calls_the_pipeline(mode):
 # -- mixed precision: loss scaling -----------------------------------------------------------
 
 
-@pytest.fixture
-def mixed_float16():
-    keras.mixed_precision.set_dtype_policy("mixed_float16")
-    yield
-    keras.mixed_precision.set_dtype_policy("float32")
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_mixed_precision_scales_the_loss_like_plain_keras(mode, mixed_float16):
     x, y = regression_data()

@@ -286,13 +286,6 @@ def test_functional_all_names_a_single_layer_gradient(mode):
 # -- mixed precision: an overflow is the loss-scale optimizer's business ------------------
 
 
-@pytest.fixture
-def mixed_float16():
-    keras.mixed_precision.set_dtype_policy("mixed_float16")
-    yield
-    keras.mixed_precision.set_dtype_policy("float32")
-
-
 def clip_by_value(grads_and_vars):
     # Maps inf to +-0.1: would hide an overflow if it saw scaled gradients.
     return [(None if g is None else tf.clip_by_value(g, -0.1, 0.1), v) for g, v in grads_and_vars]

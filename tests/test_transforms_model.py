@@ -210,13 +210,6 @@ def test_a_blocked_step_leaves_transform_state_unchanged(mode):
     assert int(noise.step.numpy()) == 1
 
 
-@pytest.fixture
-def mixed_float16():
-    keras.mixed_precision.set_dtype_policy("mixed_float16")
-    yield
-    keras.mixed_precision.set_dtype_policy("float32")
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_a_loss_scale_overflow_leaves_transform_state_unchanged(mode, mixed_float16):
     # Before the fix an overflow turned the adaptive averages into nan for good:
