@@ -60,6 +60,39 @@ def in_xla_context():
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
+def _as_given(grads_and_vars):
+    return list(grads_and_vars)
+
+
+def apply_gradients_as_given(optimizer):
+    """Makes `optimizer` apply gradients without summing them over replicas.
+
+    Under a distribution strategy, Keras all-reduces the gradients inside
+    `apply` (`_all_reduce_sum_gradients`, called from `_backend_update_step`),
+    after its own clipping, so that any transform before it would see only a
+    replica's share. keras_trainop all-reduces once before its transforms and
+    must then stop Keras from reducing a second time. There is no public
+    switch for it. The hook goes on the optimizer that really applies (a
+    LossScaleOptimizer's inner one) and stays: a LossScaleOptimizer applies in
+    new replica threads, where a per-call or thread-local flag would be unseen.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not callable(getattr(type(inner), "_all_reduce_sum_gradients", None)):
+        raise RuntimeError(
+            "keras_trainop: this Keras release has no `_all_reduce_sum_gradients` "
+            f"on {type(inner).__name__}; keras_trainop cannot stop the optimizer's "
+            "own all-reduce under a distribution strategy. Please report it."
+        )
+    if inner.__dict__.get("_all_reduce_sum_gradients") is not _as_given:
+        inner._all_reduce_sum_gradients = _as_given
+
+
+def applies_gradients_as_given(optimizer):
+    """Whether `apply_gradients_as_given(optimizer)` is in effect."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return inner.__dict__.get("_all_reduce_sum_gradients") is _as_given
+
+
 def needs_merge_call():
     """Whether the current replica context synchronises through `merge_call`.
 

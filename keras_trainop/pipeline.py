@@ -6,7 +6,11 @@ Order of one step (each stage only where its option is set):
 2. loss scaling, when the optimizer is a `LossScaleOptimizer`;
 3. gradients (`GradientTape`, or `tf.gradients` for `aggregation_method` /
    `gate_gradients`);
-4. (cross-replica reduction: not yet; the optimizer all-reduces as in Keras);
+4. cross-replica reduction: under a distribution strategy the gradients are
+   summed over replicas here, once, so that everything after sees the
+   global-batch gradient (Keras divides each replica's loss by the number of
+   replicas); the optimizer then applies them as given instead of reducing
+   again after its own clipping, as plain Keras does;
 5. unscaling, when a loss-scale optimizer is used and something reads the
    gradients;
 6. finiteness of the loss (`check_numerics`);
@@ -77,6 +81,28 @@ def _put_back_where(blocked, pairs, only=None):
         for var, value in pairs
         if only is None or id(var) in only
     ]
+
+
+def in_replica_context():
+    """Whether the step runs per replica, under a distribution strategy."""
+    return tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
+
+
+def all_reduce(grads_and_vars):
+    """The pairs with each gradient summed over the replicas (None kept as None).
+
+    One all-reduce for all gradients; IndexedSlices stay IndexedSlices.
+    """
+    present = [i for i, (g, _) in enumerate(grads_and_vars) if g is not None]
+    if not present:
+        return list(grads_and_vars)
+    reduced = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, [grads_and_vars[i][0] for i in present]
+    )
+    pairs = list(grads_and_vars)
+    for i, g in zip(present, reduced):
+        pairs[i] = (g, pairs[i][1])
+    return pairs
 
 
 def is_loss_scale_optimizer(optimizer):
@@ -210,10 +236,23 @@ class StepPipeline:
         options = self.options
         variables = [v for _, v in grads_and_vars]
         if not opt.built:
+            if in_replica_context():
+                # TF cannot initialise variables created while tracing a
+                # replica's step (plain Keras `optimizer.apply` fails the
+                # same way, with an unfed placeholder): say what to do.
+                raise ValueError(
+                    "Under a distribution strategy the optimizer must be built "
+                    "before the step is traced: call `optimizer.build("
+                    "model.trainable_variables)` inside `strategy.scope()` "
+                    f"first. Received: optimizer={opt!r} (not built)"
+                )
             # Slots must exist before the update runs inside a `tf.cond`.
             opt.build(variables)
         step = tf.cast(tf.convert_to_tensor(opt.iterations), tf.int64) + 1
 
+        if in_replica_context():
+            grads_and_vars = all_reduce(grads_and_vars)
+            private.apply_gradients_as_given(opt)
         raw = list(grads_and_vars)
         lso = is_loss_scale_optimizer(opt)
         telemetry = self.telemetry

@@ -88,14 +88,10 @@ class GradientTelemetry:
         logs_norms = self.log_metrics and self.norm_tracker is not None
         pairs = [(g, v) for g, v in after if g is not None]
         grads = [summaries.gradient_values(g) for g, _ in pairs]
-        if (logs_norms or self.active) and _per_replica():
-            # The norms of the reduced gradients, as the optimizer will apply
-            # them (a replica's own gradient is only its share). Only a trace
-            # that logs or records pays for this all-reduce.
-            before_norm, after_norm, grads = _reduced(before, pairs, transformed)
-        else:
-            before_norm = _global_norm(before)
-            after_norm = _global_norm(after) if transformed else before_norm
+        # Under a strategy the pipeline has reduced the gradients already:
+        # these are the norms of what the optimizer applies, on every replica.
+        before_norm = _global_norm(before)
+        after_norm = _global_norm(after) if transformed else before_norm
         if logs_norms:
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             # Every replica reports the same norms; the metric sums replicas.
@@ -171,23 +167,6 @@ class GradientTelemetry:
 def _global_norm(pairs):
     values = [tf.cast(summaries.gradient_values(g), tf.float32) for g, _ in pairs if g is not None]
     return tf.linalg.global_norm(values) if values else tf.constant(0.0)
-
-
-def _per_replica():
-    return tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
-
-
-def _reduced(before, after, transformed):
-    """Global norms and gradients summed over replicas (IndexedSlices made dense)."""
-    context = tf.distribute.get_replica_context()
-
-    def reduce(pairs):
-        dense = [tf.convert_to_tensor(g) for g, _ in pairs if g is not None]
-        return context.all_reduce(tf.distribute.ReduceOp.SUM, dense) if dense else []
-
-    grads = reduce(after)
-    before_grads = reduce(before) if transformed else grads
-    return tf.linalg.global_norm(before_grads), tf.linalg.global_norm(grads), list(grads)
 
 
 def _then_none(fn, args):

@@ -11,15 +11,24 @@ import pytest
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def mirrored():
+def run_script(name):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
     result = subprocess.run(
-        [sys.executable, str(HERE / "mirrored_script.py")],
-        capture_output=True, text=True, timeout=240, env=env, cwd=HERE,
+        [sys.executable, str(HERE / name)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=HERE,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def mirrored():
+    return run_script("mirrored_script.py")
+
+
+@pytest.fixture(scope="module")
+def scale():
+    return run_script("mirrored_scale_script.py")
 
 
 def test_two_replicas(mirrored):
@@ -67,3 +76,47 @@ def test_the_logged_grad_norm_is_the_norm_of_the_reduced_gradients(mirrored):
     # Oracle: the mean over the epoch of the single-device gradient norms.
     assert abs(mirrored["logged_grad_norm"] - mirrored["single_device_mean_norm"]) <= (
         1e-5 * mirrored["single_device_mean_norm"])
+
+
+# -- transforms see the all-reduced gradients (mirrored_scale_script.py) ----------
+
+
+def test_clip_by_global_norm_under_mirrored_equals_one_device(scale):
+    assert scale["replicas"] == 2
+    # Oracle: Keras's SGD(global_clipnorm) on one device, same global batch.
+    assert scale["clip_diff"] <= 1e-6
+    assert scale["optimizer_as_given"] is True
+
+
+def test_plain_keras_global_clipnorm_under_mirrored_is_wrong(scale):
+    # What the README reports: Keras clips each replica's share before its all-reduce.
+    assert scale["plain_keras_clip_diff"] > 1e-2
+
+
+def test_the_update_norm_is_the_clip_norm(scale):
+    # One SGD(1.0) step whose gradient norm is far above 1.0: the update's norm is 1.0.
+    assert abs(scale["ours_update_norm"] - 1.0) <= 1e-5
+    assert scale["plain_update_norm"] > 1.2
+
+
+def test_sparse_gradients_are_reduced_and_clipped_under_mirrored(scale):
+    assert scale["sparse_clip_diff"] <= 1e-6
+
+
+def test_mixed_precision_under_mirrored(scale):
+    # Oracle: Keras's LossScaleOptimizer over SGD(global_clipnorm) on one device,
+    # which clips unscaled gradients: same overflow skips, same scale.
+    assert scale["mixed_clip_diff"] <= 1e-4
+    assert scale["mixed_scale"] == scale["mixed_reference_scale"] == 16384.0
+    assert scale["mixed_iterations"] == [7, 7]  # 8 batches, the first overflowed
+    # And float32 with the same transform, within float16 precision.
+    assert scale["mixed_low_scale_iterations"] == 8
+    assert scale["mixed_vs_float32_diff"] <= 1e-3
+
+
+def test_create_train_step_under_strategy_run(scale):
+    assert scale["functional_clip_diff"] <= 1e-6
+
+
+def test_an_unbuilt_optimizer_under_strategy_run_gets_a_clear_error(scale):
+    assert "optimizer must be built before the step is traced" in scale["unbuilt_error"]

@@ -6,6 +6,7 @@ Each test checks the hook still exists and still means what
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from conftest import mlp
 
@@ -89,6 +90,24 @@ def test_needs_merge_call_is_true_in_a_mirrored_replica_only():
     assert private.needs_merge_call() is False  # default strategy
     with strategy.scope():
         assert private.needs_merge_call() is False  # cross-replica context
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_apply_gradients_as_given_stops_the_optimizers_all_reduce(wrapped):
+    # Keras sums gradients over replicas in this method of the optimizer that
+    # applies (a LossScaleOptimizer's inner one); if it moves, this fails.
+    sgd = keras.optimizers.SGD(1.0)
+    optimizer = keras.optimizers.LossScaleOptimizer(sgd) if wrapped else sgd
+    assert callable(type(sgd)._all_reduce_sum_gradients)
+    assert not private.applies_gradients_as_given(optimizer)
+    private.apply_gradients_as_given(optimizer)
+    private.apply_gradients_as_given(optimizer)  # idempotent
+    assert private.applies_gradients_as_given(optimizer)
+    assert private.applies_gradients_as_given(sgd)
+    pairs = [(tf.constant([1.0]), "v")]
+    assert sgd._all_reduce_sum_gradients(pairs) == pairs
+    # Only that optimizer: a fresh one still reduces as Keras does.
+    assert not private.applies_gradients_as_given(keras.optimizers.SGD(1.0))
 
 
 def test_default_summary_writer_is_the_writer_made_default(tmp_path):
