@@ -76,6 +76,7 @@ def create_train_step(
     gate_gradients=GATE_OP,
     aggregation_method=None,
     check_numerics=True,
+    gradient_accumulation_steps=None,
 ):
     """Creates a function that runs one training step, as TF-Agents' did.
 
@@ -95,7 +96,8 @@ def create_train_step(
             the loss itself, or the sum of its leaves.
         update_ops, variables_to_train, transform_grads_fn,
         summarize_gradients, gate_gradients, aggregation_method,
-        check_numerics: as in `TrainOpModel.compile()`. `variables_to_train=None`
+        check_numerics, gradient_accumulation_steps: as in
+        `TrainOpModel.compile()`. `variables_to_train=None`
             trains the trainable variables that the loss reads.
 
     Returns:
@@ -127,6 +129,7 @@ def create_train_step(
         variables_to_train=variables_to_train,
         summarize_gradients=summarize_gradients,
         global_step=global_step,
+        gradient_accumulation_steps=gradient_accumulation_steps,
     )
     pipeline = StepPipeline(options, optimizer)
 

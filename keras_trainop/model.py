@@ -56,6 +56,7 @@ class TrainOpModel:
         variables_to_train=None,
         summarize_gradients=False,
         global_step=USE_GLOBAL_STEP,
+        gradient_accumulation_steps=None,
         **kwargs,
     ):
         """Configures the model for training: Keras's arguments plus TF1's options.
@@ -98,6 +99,11 @@ class TrainOpModel:
                 active.
             global_step: `kt.USE_GLOBAL_STEP` (the optimizer's `iterations`),
                 None, or a scalar variable incremented by 1 per applied update.
+            gradient_accumulation_steps: None, or an int k >= 1: the
+                gradients of k consecutive batches are summed, and every k-th
+                step applies their mean once, through the transforms (a clip
+                acts on the accumulated gradient) and the update ops. With a
+                mean loss, the same as one batch k times larger.
         """
         options = TrainOptions(
             grad_transforms=grad_transforms,
@@ -110,6 +116,7 @@ class TrainOpModel:
             variables_to_train=variables_to_train,
             summarize_gradients=summarize_gradients,
             global_step=global_step,
+            gradient_accumulation_steps=gradient_accumulation_steps,
         )
         selected = None
         if self.built and (variables_to_train is not None or self.trainable_variables):
@@ -148,7 +155,7 @@ class TrainOpModel:
         with the other non-trainable state when a step is blocked. One tracked
         list, refilled in place: Keras untracks what leaves it.
         """
-        state = self.train_pipeline.transform_variables()
+        state = self.train_pipeline.state_variables()
         tracked = getattr(self, "grad_transform_variables", None)
         if tracked is None:
             if not state:

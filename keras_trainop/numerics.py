@@ -213,6 +213,22 @@ def _cross_replica_cond(ok, true_fn, false_fn, args):
     tf.distribute.get_replica_context().merge_call(cross_replica, args=(ok, args))
 
 
+def replica_cond(pred, true_fn, false_fn, args):
+    """`tf.cond(pred, true_fn(*args), false_fn(*args))`, also where branches call `merge_call`.
+
+    Both branches return nothing. Under a strategy that synchronises through
+    `merge_call`, through `_cross_replica_cond`; elsewhere a plain `tf.cond`.
+    """
+    if private.needs_merge_call():
+        _cross_replica_cond(pred, true_fn, false_fn, args)
+    else:
+        tf.cond(pred, lambda: _then_none(true_fn, args), lambda: _then_none(false_fn, args))
+
+
+def _then_none(fn, args):
+    fn(*args)
+
+
 class Verdict(collections.namedtuple("Verdict", ["checked", "loss_ok", "ok"])):
     """A step's finiteness: `ok` (bool scalar, the same on every replica),
     `loss_ok`, and for the gradients checked: `checked`, None or a

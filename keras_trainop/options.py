@@ -186,6 +186,16 @@ def validate_global_step(value):
     )
 
 
+def validate_accumulation_steps(value):
+    if value is None or (_is_int(value) and value >= 1):
+        return value
+    raise ValueError(
+        "`gradient_accumulation_steps` must be None or an int >= 1 (the number "
+        "of micro-batches whose gradients make one update; 1: every step "
+        f"updates). Received: gradient_accumulation_steps={value!r}"
+    )
+
+
 class TrainOptions:
     """The validated options of one training step.
 
@@ -204,6 +214,8 @@ class TrainOptions:
             regular expressions searched in `variable.path`.
         summarize_gradients: whether to write gradient summaries.
         global_step: `USE_GLOBAL_STEP`, None, or a scalar variable.
+        gradient_accumulation_steps: None or an int >= 1: apply one update
+            from the mean gradient of this many consecutive steps.
     """
 
     def __init__(
@@ -219,6 +231,7 @@ class TrainOptions:
         variables_to_train=None,
         summarize_gradients=False,
         global_step=USE_GLOBAL_STEP,
+        gradient_accumulation_steps=None,
     ):
         self.transforms = validate_transforms(grad_transforms, transform_grads_fn)
         # Kept as given, for get_compile_config.
@@ -237,6 +250,14 @@ class TrainOptions:
             "summarize_gradients", summarize_gradients
         )
         self.global_step = validate_global_step(global_step)
+        self.gradient_accumulation_steps = validate_accumulation_steps(
+            gradient_accumulation_steps
+        )
+
+    @property
+    def accumulates(self):
+        """Whether updates are made from several steps' gradients."""
+        return (self.gradient_accumulation_steps or 1) > 1
 
     @property
     def uses_tf_gradients(self):

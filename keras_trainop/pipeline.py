@@ -14,6 +14,8 @@ Order of one step (each stage only where its option is set):
 5. unscaling, when a loss-scale optimizer is used and something reads the
    gradients;
 6. finiteness of the loss (`check_numerics`);
+6b. accumulation (`gradient_accumulation_steps`): the mean of the steps so
+   far goes on; only every k-th step updates;
 7. transforms, in order;
 8. statistics (`summarize_gradients`);
 9. update ops;
@@ -29,6 +31,7 @@ import keras
 import tensorflow as tf
 
 from keras_trainop import _keras_private as private
+from keras_trainop.accumulation import GradientAccumulator
 from keras_trainop import gradients as gradients_lib
 from keras_trainop import numerics
 from keras_trainop import summaries
@@ -105,6 +108,21 @@ def all_reduce(grads_and_vars):
     return pairs
 
 
+def _rescale(grads_and_vars, scale, finite):
+    """The gradients scaled back for a loss-scale optimizer, poisoned unless `finite`.
+
+    If the raw gradients overflowed, the rescaled ones are NaN, so that a
+    transform such as clipping cannot hide the overflow from the optimizer,
+    which then skips the step and halves the scale.
+    """
+
+    def back(g):
+        g = g * tf.cast(scale, g.dtype)
+        return tf.where(finite, g, tf.constant(float("nan"), g.dtype))
+
+    return [(map_values(back, g), v) for g, v in grads_and_vars]
+
+
 def is_loss_scale_optimizer(optimizer):
     return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
@@ -124,12 +142,34 @@ class StepPipeline:
                 "`tf.compat.v1.train.Optimizer`s are not supported). "
                 f"Received: optimizer={optimizer!r}"
             )
+        own = getattr(getattr(optimizer, "inner_optimizer", optimizer), "gradient_accumulation_steps", None)
+        if own and options.accumulates:
+            raise ValueError(
+                "Pass `gradient_accumulation_steps` to keras_trainop or to the "
+                "optimizer, not both (the optimizer's own would accumulate "
+                "again what keras_trainop hands it). Received: "
+                f"gradient_accumulation_steps={options.gradient_accumulation_steps!r} "
+                f"and an optimizer with gradient_accumulation_steps={own!r}"
+            )
+        if own and (options.transforms or options.numerics.check_gradients):
+            gradients_lib.warn_once(
+                set(),
+                "optimizer-accumulation",
+                "keras_trainop: the optimizer accumulates gradients itself "
+                f"(gradient_accumulation_steps={own}), after keras_trainop's "
+                "transforms and checks, which therefore act on each micro-batch. "
+                "To clip the accumulated gradient, pass gradient_accumulation_steps "
+                "to keras_trainop instead.",
+            )
         self.options = options
         self.optimizer = optimizer
         self.guard = (
             numerics.FailureGuard.for_optimizer(optimizer) if options.numerics.enabled else None
         )
         self.warned = set()
+        self.accumulator = (
+            GradientAccumulator(options.gradient_accumulation_steps) if options.accumulates else None
+        )
         self.selected = None  # the variables to train, once resolved
         # Set by GradientTensorBoard: statistics to compute in the step.
         self.telemetry = None
@@ -167,10 +207,20 @@ class StepPipeline:
         with tf.init_scope():
             for transform in self.options.transforms:
                 build_child(transform, variables)
+            if self.accumulator is not None:
+                self.accumulator.build(variables)
 
     def transform_variables(self):
         """The state variables of all transforms (their `variables` attribute)."""
         return [v for t in self.options.transforms for v in child_variables(t)]
+
+    def accumulator_variables(self):
+        """The gradient sums and the micro-batch counter, with accumulation."""
+        return [] if self.accumulator is None else self.accumulator.variables
+
+    def state_variables(self):
+        """All state the step keeps between steps, beyond the optimizer's: saved with the model."""
+        return self.transform_variables() + self.accumulator_variables()
 
     # -- the step ---------------------------------------------------------
 
@@ -258,12 +308,16 @@ class StepPipeline:
         telemetry = self.telemetry
         if telemetry is not None and not (telemetry.active or telemetry.log_metrics):
             telemetry = None
+        accumulator = self.accumulator
         reads_gradients = (
-            bool(options.transforms) or options.summarize_gradients or telemetry is not None
+            bool(options.transforms)
+            or options.summarize_gradients
+            or telemetry is not None
+            or accumulator is not None
         )
-        rescale = None
+        scale = None
         if lso and reads_gradients:
-            grads_and_vars, rescale, finite = self._unscale(grads_and_vars)
+            grads_and_vars, scale = self._unscale(grads_and_vars)
 
         # Gradients are checked raw, before any transform could hide an inf.
         # Under a loss-scale optimizer an overflow is the optimizer's business:
@@ -274,12 +328,26 @@ class StepPipeline:
             verdict = self.guard.verdict(options.numerics, loss, [g for g, _ in checked])
 
         self.build_transforms(variables)
+        ready = None  # with accumulation: whether this step updates
+        if accumulator is not None:
+            grads_and_vars, ready = accumulator.add(
+                grads_and_vars, tf.constant(True) if verdict is None else verdict.ok
+            )
+        finite = None  # with a loss-scale optimizer: whether what it gets is finite
+        if scale is not None:
+            finite = numerics.all_finite(
+                [summaries.gradient_values(g) for g, _ in (raw if ready is None else grads_and_vars) if g is not None]
+            )
+        # When nothing is applied, the transforms' state is put back.
+        held = [tf.logical_not(c) for c in (ready, finite) if c is not None]
+        held = held[0] if len(held) == 1 else (tf.logical_or(*held) if held else None)
         kept = self.transform_variables()
         kept_ids = {id(v) for v in kept}
+        skip_ids = kept_ids | {id(v) for v in self.accumulator_variables()}
         if snapshot is None:
             state_variables, snapshot = [], []
-        pairs = [(v, s) for v, s in zip(state_variables, snapshot) if id(v) not in kept_ids]
-        if kept and (self.guard is not None or rescale is not None):
+        pairs = [(v, s) for v, s in zip(state_variables, snapshot) if id(v) not in skip_ids]
+        if kept and (self.guard is not None or held is not None):
             # Read before the transforms run: automatic control dependencies
             # order these reads before the transforms' assignments.
             pairs += [(v, tf.identity(tf.convert_to_tensor(v))) for v in kept]
@@ -292,23 +360,22 @@ class StepPipeline:
             grads_and_vars = _check_transform_output(i, transform, result, allowed)
 
         if options.summarize_gradients:
-            self._summarize(grads_and_vars, step, in_xla)
+            self._summarize(grads_and_vars, step, in_xla, ready)
         if telemetry is not None:
             # A step that will not be applied is not recorded: its number is
             # the next applied update's.
-            applies = [] if verdict is None else [verdict.ok]
-            if rescale is not None:
-                applies.append(finite)
+            applies = [c for c in (None if verdict is None else verdict.ok, finite, ready) if c is not None]
             telemetry.record(
                 step, before, grads_and_vars, bool(options.transforms),
                 applies=tf.reduce_all(tf.stack(applies)) if applies else None,
             )
 
-        if rescale is not None:
-            grads_and_vars = rescale(grads_and_vars)
-            if kept:
-                # The optimizer will skip an overflowing step: so must the state.
-                _put_back_where(tf.logical_not(finite), list(zip(state_variables, snapshot)), kept_ids)
+        if scale is not None:
+            grads_and_vars = _rescale(grads_and_vars, scale, finite)
+        if held is not None and kept:
+            # The optimizer will skip an overflowing step, and an accumulating
+            # step applies nothing: the transforms' state stays as it was.
+            _put_back_where(held, list(zip(state_variables, snapshot)), kept_ids)
 
         def apply_update(grads_and_vars, snapshot):
             del snapshot
@@ -328,16 +395,25 @@ class StepPipeline:
         restore = restore_where = None
         if state_variables:
 
-            def restore(grads_and_vars, saved):
-                del grads_and_vars
+            def restore(grads_and_vars, saved, *unused):
+                del grads_and_vars, unused
                 for var, value in zip(state_variables, saved):
                     var.assign(value)
 
-            def restore_where(ok, grads_and_vars, saved):
-                del grads_and_vars
+            def restore_where(ok, grads_and_vars, saved, *unused):
+                del grads_and_vars, unused
                 return _put_back_where(tf.logical_not(ok), list(zip(state_variables, saved)))
 
         args = (grads_and_vars, snapshot)
+        if ready is not None:
+            apply_now = apply_update
+
+            def apply_update(grads_and_vars, snapshot, ready):
+                # Only every k-th step updates (a cond: the optimizer's update
+                # is the expensive part, and it changes its own state).
+                numerics.replica_cond(ready, apply_now, lambda *a: None, (grads_and_vars, snapshot))
+
+            args += (ready,)
         if self.guard is None:
             apply_update(*args)
             return tf.constant(0.0)
@@ -354,32 +430,18 @@ class StepPipeline:
         )
 
     def _unscale(self, grads_and_vars):
-        """True-scale gradients for transforms, and the function that scales back.
+        """True-scale gradients for transforms, and the scale to multiply back by.
 
-        The scale is a power of two, so unscaling and rescaling are exact. If
-        the raw gradients overflowed, the rescaled ones are poisoned with NaN,
-        so that a transform such as clipping cannot hide the overflow from the
-        loss-scale optimizer, which then skips the step and halves the scale.
+        The scale is a power of two, so unscaling and rescaling are exact.
         """
         scale = self.optimizer.dynamic_scale
-        raw = [g for g, _ in grads_and_vars if g is not None]
-        finite = numerics.all_finite([summaries.gradient_values(g) for g in raw])
 
         def divide(g):
             return g / tf.cast(scale, g.dtype)
 
-        unscaled = [(map_values(divide, g), v) for g, v in grads_and_vars]
+        return [(map_values(divide, g), v) for g, v in grads_and_vars], scale
 
-        def rescale(pairs):
-            def back(g):
-                g = g * tf.cast(scale, g.dtype)
-                return tf.where(finite, g, tf.constant(float("nan"), g.dtype))
-
-            return [(map_values(back, g), v) for g, v in pairs]
-
-        return unscaled, rescale, finite
-
-    def _summarize(self, grads_and_vars, step, in_xla):
+    def _summarize(self, grads_and_vars, step, in_xla, ready=None):
         if in_xla:
             gradients_lib.warn_once(
                 self.warned,
@@ -393,4 +455,9 @@ class StepPipeline:
         counter = self.options.global_step
         if counter is not None and counter is not USE_GLOBAL_STEP:
             step = tf.cast(tf.convert_to_tensor(counter), tf.int64) + 1
-        summaries.add_gradients_summaries(grads_and_vars, step=step)
+        if ready is None:
+            summaries.add_gradients_summaries(grads_and_vars, step=step)
+            return
+        # Accumulating: only the step that updates writes.
+        with tf.summary.record_if(tf.logical_and(tf.summary.should_record_summaries(), ready)):
+            summaries.add_gradients_summaries(grads_and_vars, step=step)

@@ -72,6 +72,7 @@ def serialize_options(options, trainable_variables):
         if isinstance(options.check_numerics, SkipNonFinite)
         else options.check_numerics,
         "summarize_gradients": options.summarize_gradients,
+        "gradient_accumulation_steps": options.gradient_accumulation_steps,
     }
     if options.transform_grads_fn is not None:
         saved = _serialize_callables("transform_grads_fn", [options.transform_grads_fn])

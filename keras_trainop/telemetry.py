@@ -11,8 +11,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_trainop import _keras_private as private
 from keras_trainop import summaries
+from keras_trainop.numerics import replica_cond
 from keras_trainop.variables import state_variable
 
 
@@ -129,12 +129,7 @@ class GradientTelemetry:
         if applies is not None:
             due = tf.logical_and(due, applies)
         args = (step, before_norm, after_norm, tuple(grads))
-        if private.needs_merge_call():
-            from keras_trainop.numerics import _cross_replica_cond
-
-            _cross_replica_cond(due, lambda *a: write(*a), lambda *a: None, args)
-        else:
-            tf.cond(due, lambda: _then_none(write, args), lambda: None)
+        replica_cond(due, write, lambda *a: None, args)
 
     # -- on the host ----------------------------------------------------------
 
@@ -167,10 +162,6 @@ class GradientTelemetry:
 def _global_norm(pairs):
     values = [tf.cast(summaries.gradient_values(g), tf.float32) for g, _ in pairs if g is not None]
     return tf.linalg.global_norm(values) if values else tf.constant(0.0)
-
-
-def _then_none(fn, args):
-    fn(*args)
 
 
 def make_norm_trackers():

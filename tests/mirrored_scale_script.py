@@ -110,6 +110,27 @@ def main():
     results["mixed_vs_float32_diff"] = max_abs_diff(fit(low, x, y), float32_reference)
     results["mixed_low_scale_iterations"] = int(low.optimizer.iterations.numpy())
 
+    # Gradient accumulation: 2 global batches of 16 make one update, the same
+    # as one batch of 32 on one device, clip included.
+    def accumulate_fit(build_strategy, cls, optimizer, batch, **options):
+        model = build(build_strategy, cls, optimizer, **options)
+        model.fit(x, y, batch_size=batch, epochs=2, verbose=0, shuffle=False)
+        return [v.numpy() for v in model.trainable_weights]
+
+    reference = accumulate_fit(one, keras.Model, sgd(global_clipnorm=CLIP), 2 * BATCH)
+    for policy in (True, "skip"):
+        ours = accumulate_fit(
+            mirrored, kt.Model, sgd(), BATCH, check_numerics=policy,
+            grad_transforms=[kt.transforms.clip_by_global_norm(CLIP)], gradient_accumulation_steps=2,
+        )
+        results[f"accumulation_diff_{policy}"] = max_abs_diff(ours, reference)
+    ours = accumulate_fit(
+        mirrored, kt.Model, lambda: keras.optimizers.LossScaleOptimizer(sgd()(), initial_scale=2.0**8),
+        BATCH, precision="mixed_float16", grad_transforms=[kt.transforms.clip_by_global_norm(CLIP)],
+        gradient_accumulation_steps=2,
+    )
+    results["accumulation_mixed_diff"] = max_abs_diff(ours, reference)
+
     # An unbuilt optimizer in a custom loop: a clear error, not TF's unfed placeholder.
     results["unbuilt_error"] = unbuilt(mirrored, x, y)
     # The functional API in a custom loop: strategy.run over a distributed dataset.

@@ -120,3 +120,13 @@ def test_create_train_step_under_strategy_run(scale):
 
 def test_an_unbuilt_optimizer_under_strategy_run_gets_a_clear_error(scale):
     assert "optimizer must be built before the step is traced" in scale["unbuilt_error"]
+
+
+@pytest.mark.parametrize("policy", ["True", "skip"])
+def test_gradient_accumulation_under_mirrored_equals_one_larger_batch(scale, policy):
+    # Oracle: Keras's SGD(global_clipnorm) on one device with a batch twice as large.
+    assert scale[f"accumulation_diff_{policy}"] <= 1e-6
+
+
+def test_gradient_accumulation_under_mirrored_and_mixed_precision(scale):
+    assert scale["accumulation_mixed_diff"] <= 1e-3
