@@ -117,3 +117,109 @@ def default_summary_writer():
     from tensorflow.python.ops import summary_ops_v2
 
     return getattr(summary_ops_v2._summary_state, "writer", None)
+
+
+# -- model.fit under MultiWorkerMirroredStrategy ------------------------------
+#
+# Keras 3.15.1's own `fit` fails there, for any model (tests/test_multiworker.py
+# asserts it still does, so that the workaround goes when Keras fixes it).
+
+
+def is_multi_worker(strategy):
+    """Whether `strategy` is a MultiWorkerMirroredStrategy over several workers.
+
+    The same test as Keras's `_collective_all_reduce_multi_worker`, which
+    guards the code path the workaround below replaces. TF has no public
+    answer: `cluster_resolver.cluster_spec()` lists the cluster's tasks, not
+    the workers this task trains with.
+    """
+    return isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ) and strategy.extended._in_multi_worker_mode()
+
+
+def _symbolic_build_from_a_local_batch(original):
+    import keras
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = self.distribute_strategy
+        if iterator is None or not is_multi_worker(strategy):
+            return original(self, iterator=iterator, data_batch=data_batch)
+        for _, _, it in iterator:
+            data_batch = next(it)
+            break
+        leaves = keras.tree.flatten(data_batch)
+        if all(isinstance(v, tf.distribute.DistributedValues) for v in leaves):
+            # Only shapes and dtypes are read: this worker's first replica's
+            # batch has them, and needs no cross-worker reduction.
+            data_batch = keras.tree.map_structure(
+                lambda v: strategy.experimental_local_results(v)[0], data_batch
+            )
+        return original(self, data_batch=data_batch)
+
+    return _maybe_symbolic_build
+
+
+def _reduce_per_replica_for_scalars(original):
+    import keras
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not is_multi_worker(strategy):
+            return original(values, strategy, reduction)
+
+        def reduce(v):
+            local = strategy.experimental_local_results(v)[0]
+            if getattr(local, "shape", None) is not None and local.shape.rank == 0:
+                return strategy.reduce("MEAN", v, axis=None)
+            return original(v, strategy, reduction)
+
+        return keras.tree.map_structure(reduce, values)
+
+    return reduce_per_replica
+
+
+def _install(owner, name, make):
+    import functools
+
+    original = getattr(owner, name)
+    if getattr(original, "keras_trainop_original", None) is not None:
+        return  # installed already
+    patched = functools.update_wrapper(make(original), original)
+    patched.keras_trainop_original = original
+    setattr(owner, name, patched)
+
+
+def patch_fit_for_multi_worker():
+    """Makes Keras's `fit` work under a multi-worker MultiWorkerMirroredStrategy.
+
+    Keras 3.15.1 fails there in two places of
+    `keras/src/backend/tensorflow/trainer.py`, which no public API reaches:
+
+    1. `TensorFlowTrainer._maybe_symbolic_build` builds the model from
+       `strategy.reduce("MEAN", batch, axis=None)` of the nested per-replica
+       batch, which `CollectiveAllReduceExtended._reduce_to` cannot take
+       ("Attempt to convert a value (PerReplica:...) ... to a Tensor"). The
+       patch builds from this worker's first replica's batch instead: the
+       build reads only shapes and dtypes.
+    2. `reduce_per_replica` reduces each log with `strategy.reduce("MEAN", v,
+       axis=0)`, which fails for a scalar ("Invalid reduction dimension 0 for
+       input with 0 dimensions"). The patch uses `axis=None` for scalars.
+
+    Both patched functions call the original unchanged unless the strategy is
+    multi-worker (`is_multi_worker`). Installing again does nothing; each
+    original stays reachable as `.keras_trainop_original` of its patch.
+    """
+    from keras.src.backend.tensorflow import trainer
+
+    _install(trainer.TensorFlowTrainer, "_maybe_symbolic_build", _symbolic_build_from_a_local_batch)
+    _install(trainer, "reduce_per_replica", _reduce_per_replica_for_scalars)
+
+
+def patch_fit_for_strategy(strategy):
+    """`patch_fit_for_multi_worker()` if `strategy` needs it; else nothing.
+
+    `TrainOpModel.compile` calls it, so that a `kt.Model` compiled under a
+    multi-worker strategy can `fit`; a plain `keras.Model` may call it too.
+    """
+    if is_multi_worker(strategy):
+        patch_fit_for_multi_worker()

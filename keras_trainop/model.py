@@ -131,6 +131,8 @@ class TrainOpModel:
                 self._owner_name(),
             )
         super().compile(*args, **kwargs)
+        # Keras 3.15's own `fit` fails under a multi-worker strategy.
+        private.patch_fit_for_strategy(self.distribute_strategy)
         pipeline = StepPipeline(options, self.optimizer)
         if selected is not None:
             pipeline.selected = selected

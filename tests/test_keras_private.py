@@ -4,6 +4,8 @@ Each test checks the hook still exists and still means what
 `keras_trainop/_keras_private.py` says it means.
 """
 
+import inspect
+
 import keras
 import numpy as np
 import pytest
@@ -116,3 +118,82 @@ def test_default_summary_writer_is_the_writer_made_default(tmp_path):
     with writer.as_default():
         assert private.default_summary_writer() is writer
     assert private.default_summary_writer() is None
+
+
+# -- the workaround for model.fit under MultiWorkerMirroredStrategy ----------
+# That Keras still needs it, and that it works: tests/test_multiworker.py.
+
+
+def fit_patch_targets():
+    from keras.src.backend.tensorflow import trainer  # where the patches go
+
+    return [(trainer.TensorFlowTrainer, "_maybe_symbolic_build"), (trainer, "reduce_per_replica")]
+
+
+@pytest.fixture
+def keras_as_released(monkeypatch):
+    """Keras's own functions during the test; what was installed before, after it."""
+    for owner, name in fit_patch_targets():
+        current = getattr(owner, name)
+        monkeypatch.setattr(owner, name, getattr(current, "keras_trainop_original", current))
+
+
+def fit_and_log(strategy):
+    x, y = np.ones((8, 4), "float32"), np.zeros((8, 1), "float32")
+    with strategy.scope():
+        model = compiled_model()
+    history = model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False)
+    return model.get_weights(), history.history["loss"]
+
+
+def test_fit_calls_the_patched_functions_by_name(keras_as_released, monkeypatch):
+    # The patches replace a method and a module function; Keras must still
+    # call them there, with these arguments.
+    (trainer_class, _), (trainer_module, _) = fit_patch_targets()
+    build, reduce = trainer_class._maybe_symbolic_build, trainer_module.reduce_per_replica
+    assert list(inspect.signature(build).parameters) == ["self", "iterator", "data_batch"]
+    assert list(inspect.signature(reduce).parameters) == ["values", "strategy", "reduction"]
+    calls = []
+
+    def spy_build(self, iterator=None, data_batch=None):
+        calls.append(("build", iterator is not None))
+        return build(self, iterator=iterator, data_batch=data_batch)
+
+    def spy_reduce(values, strategy, reduction):
+        calls.append(("reduce", reduction))
+        return reduce(values, strategy, reduction)
+
+    monkeypatch.setattr(trainer_class, "_maybe_symbolic_build", spy_build)
+    monkeypatch.setattr(trainer_module, "reduce_per_replica", spy_reduce)
+    fit_and_log(tf.distribute.get_strategy())
+    assert ("build", True) in calls and ("reduce", "auto") in calls
+
+
+def test_fit_patch_is_idempotent_and_keeps_the_originals(keras_as_released):
+    originals = [getattr(owner, name) for owner, name in fit_patch_targets()]
+    private.patch_fit_for_multi_worker()
+    patched = [getattr(owner, name) for owner, name in fit_patch_targets()]
+    private.patch_fit_for_multi_worker()
+    assert all(a is b for a, b in zip(patched, [getattr(o, n) for o, n in fit_patch_targets()]))
+    assert all(p is not o for p, o in zip(patched, originals))
+    assert all(p.keras_trainop_original is o for p, o in zip(patched, originals))
+    assert [p.__name__ for p in patched] == ["_maybe_symbolic_build", "reduce_per_replica"]
+
+
+@pytest.mark.parametrize(
+    "make_strategy",
+    [tf.distribute.get_strategy, lambda: tf.distribute.MirroredStrategy(["/cpu:0"])],
+    ids=["default", "mirrored"],
+)
+def test_fit_patch_changes_nothing_off_multi_worker(keras_as_released, make_strategy):
+    strategy = make_strategy()
+    assert private.is_multi_worker(strategy) is False
+    private.patch_fit_for_strategy(strategy)
+    assert all(not hasattr(getattr(o, n), "keras_trainop_original") for o, n in fit_patch_targets())
+    # Oracle: the same fit with Keras as released.
+    weights, losses = fit_and_log(strategy)
+    private.patch_fit_for_multi_worker()
+    patched_weights, patched_losses = fit_and_log(strategy)
+    assert patched_losses == losses
+    for a, b in zip(patched_weights, weights):
+        np.testing.assert_array_equal(a, b)
