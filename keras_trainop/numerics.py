@@ -260,8 +260,11 @@ class FailureGuard:
     def __init__(self):
         self.failed_step = state_variable(0, tf.int64, "keras_trainop_failed_step")
         self.failed_what = state_variable(0, tf.int32, "keras_trainop_failed_what")
-        self.skipped_total = state_variable(0, tf.int64, "keras_trainop_skipped_steps")
-        self.consecutive = state_variable(0, tf.int64, "keras_trainop_consecutive_skips")
+        # Keras variables: a model with the skip policy keeps them among its
+        # weights, so a resumed run goes on counting where it stopped.
+        with tf.init_scope():
+            self.skipped_total = _counter("skipped_steps_total")
+            self.consecutive = _counter("consecutive_skipped_steps")
         self._flags = {}
         self.names = []
         self.max_consecutive = None
@@ -385,7 +388,7 @@ class FailureGuard:
             else:
                 tf.cond(gate, lambda: on_success(*args), lambda: on_failure(*args))
             if not in_xla and policy.skip and policy.max_consecutive is not None:
-                with tf.control_dependencies([self.consecutive.read_value()]):
+                with tf.control_dependencies([tf.convert_to_tensor(self.consecutive)]):
                     tf.debugging.Assert(
                         self.consecutive <= policy.max_consecutive,
                         [_MARKER, "(inf or nan) consecutive skips up to step", _for_message(step)],
@@ -483,6 +486,10 @@ class FailureGuard:
 
         checked.__wrapped__ = function
         return checked
+
+
+def _counter(name):
+    return keras.Variable(0, dtype="int64", trainable=False, aggregation="only_first_replica", name=name)
 
 
 def _in_name_order(bad, indices, count):

@@ -219,8 +219,19 @@ class StepPipeline:
         return [] if self.accumulator is None else self.accumulator.variables
 
     def state_variables(self):
-        """All state the step keeps between steps, beyond the optimizer's: saved with the model."""
-        return self.transform_variables() + self.accumulator_variables()
+        """All state the step keeps between steps, beyond the optimizer's: saved with the model.
+
+        The transforms' state, the gradient sums, the skip policy's counters,
+        and a `global_step` given as a `keras.Variable` (a plain `tf.Variable`
+        is not a Keras weight: it is the caller's to save).
+        """
+        state = self.transform_variables() + self.accumulator_variables()
+        if self.guard is not None and self.options.numerics.skip:
+            state += [self.guard.skipped_total, self.guard.consecutive]
+        if isinstance(self.options.global_step, keras.Variable):
+            state.append(self.options.global_step)
+        return state
+
 
     # -- the step ---------------------------------------------------------
 
@@ -343,7 +354,7 @@ class StepPipeline:
         held = held[0] if len(held) == 1 else (tf.logical_or(*held) if held else None)
         kept = self.transform_variables()
         kept_ids = {id(v) for v in kept}
-        skip_ids = kept_ids | {id(v) for v in self.accumulator_variables()}
+        skip_ids = {id(v) for v in self.state_variables()}  # never changed by a blocked step
         if snapshot is None:
             state_variables, snapshot = [], []
         pairs = [(v, s) for v, s in zip(state_variables, snapshot) if id(v) not in skip_ids]

@@ -98,6 +98,14 @@ def serialize_options(options, trainable_variables):
         config["global_step"] = "use_global_step"
     elif options.global_step is None:
         config["global_step"] = None
+    elif isinstance(options.global_step, keras.Variable):
+        # A Keras variable is one of the model's weights (see
+        # StepPipeline.state_variables): loading makes a new one, and the
+        # weights give it its value.
+        config["global_step"] = {
+            "keras_variable": options.global_step.name,
+            "dtype": options.global_step.dtype,
+        }
     else:
         _warn_unsaved(
             "global_step",
@@ -137,6 +145,11 @@ def deserialize_options(config, trainable_variables):
             trainable_variables[item["trainable_index"]] if isinstance(item, dict) else item
             for item in selection
         ]
-    if saved.get("global_step", None) == "use_global_step" or "global_step" not in saved:
+    step = saved.get("global_step")
+    if isinstance(step, dict):
+        saved["global_step"] = keras.Variable(
+            0, dtype=step["dtype"], trainable=False, name=step["keras_variable"]
+        )
+    elif step == "use_global_step" or "global_step" not in saved:
         saved["global_step"] = USE_GLOBAL_STEP
     return saved

@@ -50,6 +50,17 @@ def max_abs_diff(a, b):
     return max(float(np.max(np.abs(np.asarray(p) - np.asarray(q)), initial=0.0)) for p, q in zip(a, b))
 
 
+def layer_weights(model):
+    """The values of the model's own weights, without keras_trainop's step state.
+
+    (A kt model with the skip policy, stateful transforms, accumulation or a
+    Keras global step also keeps those among its weights, so they are saved.)
+    """
+    pipeline = getattr(model, "train_pipeline", None)
+    state = {id(v) for v in pipeline.state_variables()} if pipeline is not None else set()
+    return [v.numpy() for v in model.weights if id(v) not in state]
+
+
 def optimizer_state(model):
     return [v.numpy() for v in model.optimizer.variables]
 

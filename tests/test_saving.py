@@ -337,7 +337,8 @@ def unsaved_update_op(model):
 
 
 def unsaved_global_step(model):
-    COUNTER["v"] = keras.Variable(0, dtype="int64", trainable=False)
+    # A plain tf.Variable is not a Keras weight (a keras.Variable is saved).
+    COUNTER["v"] = tf.Variable(0, dtype=tf.int64, trainable=False)
     return dict(global_step=COUNTER["v"])
 
 
