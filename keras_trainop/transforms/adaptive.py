@@ -136,7 +136,10 @@ class AdaptiveClipByGlobalNorm(GradientTransform):
         self.sq_mean.assign(sq_mean)
         std = tf.sqrt(tf.maximum(self.epsilon, sq_mean - tf.square(mean)))
         max_norm = tf.exp(mean + self.std_factor * std)
-        factor = tf.where(norm < max_norm, tf.ones_like(norm), tf.exp(mean) / norm)
+        # divide_no_nan: a negative std_factor can underflow max_norm to 0, and an
+        # all-zero gradient (norm 0) would then be multiplied by inf, giving NaN.
+        clipped = tf.math.divide_no_nan(tf.exp(mean), norm)
+        factor = tf.where(norm < max_norm, tf.ones_like(norm), clipped)
         if self.static_max_norm is not None:
             factor = tf.minimum(self.static_max_norm / norm, factor)
         return [(scale(g, factor), v) for g, v in grads_and_vars]

@@ -101,9 +101,25 @@ def map_values(fn, grad):
     return fn(grad)
 
 
+def cast(value, dtype):
+    """`tf.cast(value, dtype)`, except that a Python number becomes a float64
+    constant directly for float64: `tf.cast` would round it to float32 first
+    (0.1 -> 0.10000000149), a 3e-8 error in float64 clip bounds and factors."""
+    if is_real(value) and tf.as_dtype(dtype) == tf.float64:
+        return tf.constant(value, tf.float64)
+    return tf.cast(value, dtype)
+
+
 def scale(grad, factor):
-    """`grad * factor` (factor cast to the gradient's dtype), sparse-preserving."""
-    return map_values(lambda g: g * tf.cast(factor, g.dtype), grad)
+    """`grad * factor`, sparse-preserving. Half-precision gradients are multiplied
+    in float32 and cast back: a small factor cast to float16 would be subnormal
+    or 0 (a clip factor of 1e-6 would lose its digits or zero the gradient)."""
+
+    def multiply(g):
+        dtype = compute_dtype(g.dtype)
+        return tf.cast(tf.cast(g, dtype) * cast(factor, dtype), g.dtype)
+
+    return map_values(multiply, grad)
 
 
 def global_norm(grads):

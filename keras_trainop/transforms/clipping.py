@@ -12,6 +12,7 @@ import tensorflow as tf
 from keras_trainop.transforms.base import (
     PACKAGE,
     GradientTransform,
+    cast,
     check_number,
     compute_dtype,
     global_norm,
@@ -42,7 +43,7 @@ class ClipByValue(GradientTransform):
     def call(self, grads_and_vars):
         def clip(g):
             return tf.clip_by_value(
-                g, tf.cast(self.clip_value_min, g.dtype), tf.cast(self.clip_value_max, g.dtype)
+                g, cast(self.clip_value_min, g.dtype), cast(self.clip_value_max, g.dtype)
             )
 
         return [(map_values(clip, g), v) for g, v in grads_and_vars]
@@ -58,7 +59,7 @@ def _clip_tensor_by_norm(t, clip_norm):
     l2sum = tf.reduce_sum(tf.square(x))
     positive = l2sum > 0
     l2norm = tf.where(positive, tf.sqrt(tf.where(positive, l2sum, tf.ones_like(l2sum))), l2sum)
-    clip_norm = tf.cast(clip_norm, x.dtype)
+    clip_norm = cast(clip_norm, x.dtype)
     return tf.cast(x * clip_norm / tf.maximum(l2norm, clip_norm), t.dtype)
 
 

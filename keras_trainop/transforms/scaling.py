@@ -127,7 +127,9 @@ class Multiply(GradientTransform):
                         "Requested multiple of `None` gradient for variable "
                         f"{variable_name(var)!r}."
                     )
-                grad = scale(grad, tf.convert_to_tensor(multiplier))
+                if not is_real(multiplier):  # a number stays a float: exact in float64
+                    multiplier = tf.convert_to_tensor(multiplier)
+                grad = scale(grad, multiplier)
             result.append((grad, var))
         return result
 
