@@ -17,7 +17,9 @@ class GradientTensorBoard(keras.callbacks.Callback):
     - histogram `<variable.path>/gradient`, scalar `<variable.path>/gradient_norm`
       (after the transforms, as TF1's `summarize_gradients`);
     - scalar `global_norm/gradient_norm` (before the transforms) and, when
-      transforms are set, `global_norm/clipped_gradient_norm` (after them).
+      transforms are set, `global_norm/clipped_gradient_norm` (after them);
+    - with `check_numerics="skip"`, scalar `skipped_steps/total` (the steps
+      skipped so far).
 
     The step is the number of optimizer updates including the recorded one
     (1-based, like Keras's `batch_*` scalars); a record is written at every step
@@ -31,7 +33,8 @@ class GradientTensorBoard(keras.callbacks.Callback):
     reach a multiple of `update_freq`.
 
     Args:
-        log_dir: the directory; events go to `<log_dir>/train`.
+        log_dir: the directory (created if missing, not an existing file);
+            events go to `<log_dir>/train`.
         update_freq: a positive int: record every `update_freq` updates.
         histograms: write a histogram per gradient.
         norms: write a norm per gradient and the global norms.
@@ -48,10 +51,21 @@ class GradientTensorBoard(keras.callbacks.Callback):
             raise ValueError(
                 f"`log_dir` must be a non-empty path. Received: log_dir={log_dir!r}"
             )
+        if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+            raise ValueError(
+                "`log_dir` must be a directory (created if missing); this path is an "
+                f"existing file. Received: log_dir={log_dir!r}"
+            )
         if isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1:
+            hint = (
+                'keras.callbacks.TensorBoard\'s "batch" is update_freq=1 here; there '
+                'is no "epoch" mode. '
+                if isinstance(update_freq, str)
+                else ""
+            )
             raise ValueError(
                 "`update_freq` must be a positive int (a number of updates). "
-                f"Received: update_freq={update_freq!r}"
+                f"{hint}Received: update_freq={update_freq!r}"
             )
         for name, value in (("histograms", histograms), ("norms", norms), ("metrics", metrics)):
             if not isinstance(value, bool):
@@ -129,6 +143,9 @@ class GradientTensorBoard(keras.callbacks.Callback):
 
     def _switch(self, plain, recording):
         model, telemetry, freq = self.model, self._telemetry, self.update_freq
+        # The skip policy's count, read on the host after a recording call.
+        skip = model.train_options.numerics.skip
+        skipped = model.train_pipeline.guard.skipped_total if skip else None
 
         def train_function(iterator):
             per_call = model.steps_per_execution
@@ -148,7 +165,7 @@ class GradientTensorBoard(keras.callbacks.Callback):
                 logs = recording(iterator)
             finally:
                 telemetry.activate(False)
-            telemetry.flush(self._writer)
+            telemetry.flush(self._writer, None if skipped is None else int(skipped.numpy()))
             self._known, self._calls = int(model.optimizer.iterations.numpy()), 0
             return logs
 

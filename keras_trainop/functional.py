@@ -8,6 +8,10 @@
 All of them run the same `StepPipeline` as `TrainOpModel`.
 """
 
+import math
+import numbers
+
+import numpy as np
 import tensorflow as tf
 
 from keras_trainop import _keras_private as private
@@ -24,10 +28,30 @@ from keras_trainop.summaries import add_gradients_summaries  # noqa: F401 (publi
 from keras_trainop.summaries import variable_name
 
 
-def _total_loss(values, total_loss_fn):
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_number_or_tensor(value):
+    return tf.is_tensor(value) or _is_number(value) or isinstance(value, np.ndarray)
+
+
+def _total_loss(values, total_loss_fn, loss):
     if total_loss_fn is not None:
-        return total_loss_fn(values)
+        total = total_loss_fn(values)
+        if not _is_number_or_tensor(total):
+            raise ValueError(
+                "`total_loss_fn` must return the scalar loss tensor to minimise. "
+                f"Received: total_loss_fn={total_loss_fn!r}, which returned {total!r}"
+            )
+        return total
     leaves = tf.nest.flatten(values)
+    if not leaves or not all(map(_is_number_or_tensor, leaves)):
+        raise ValueError(
+            "`loss` must return a loss tensor or a nested structure of loss "
+            "tensors (or pass `total_loss_fn` to pick the loss out of what it "
+            f"returns). Received: loss={loss!r}, which returned {values!r}"
+        )
     # A nested loss with no total_loss_fn: minimise the sum, which is what
     # differentiating the whole structure means.
     return leaves[0] if len(leaves) == 1 else tf.add_n(leaves)
@@ -111,7 +135,8 @@ def create_train_step(
 
     Raises:
         ValueError: if `loss` or `total_loss_fn` is not callable, or an option
-            is invalid.
+            is invalid; at the first call, if `loss` returns something that is
+            not a loss tensor (or `total_loss_fn` does).
     """
     if not callable(loss):
         raise ValueError(
@@ -138,7 +163,7 @@ def create_train_step(
 
         def forward():
             values = loss(*args, **kwargs)
-            return _total_loss(values, total_loss_fn), values
+            return _total_loss(values, total_loss_fn, loss), values
 
         if not tf.executing_eagerly() or pipeline.guard is None:
             return pipeline.run(forward)[0]
@@ -200,8 +225,8 @@ def create_train_op(
     `kt.raise_if_failed(optimizer)` is called, which raises the error.
 
     Raises:
-        ValueError: if called eagerly (use `create_train_step`), or for an
-            invalid option.
+        ValueError: if called eagerly (use `create_train_step`), if
+            `total_loss` is not a tensor, or for an invalid option.
     """
     if tf.executing_eagerly():
         raise ValueError(
@@ -210,6 +235,12 @@ def create_train_op(
             "to differentiate. To train eagerly, use "
             "`kt.create_train_step(loss_fn, optimizer, ...)`, which takes a loss "
             f"function instead. Received: total_loss={total_loss!r}"
+        )
+    if not tf.is_tensor(total_loss):
+        raise ValueError(
+            "`total_loss` must be a loss tensor computed in the same "
+            "`tf.function` (to train with a loss function, use "
+            f"`kt.create_train_step`). Received: total_loss={total_loss!r}"
         )
     options = TrainOptions(
         transform_grads_fn=transform_grads_fn,
@@ -241,6 +272,18 @@ def create_train_op(
 # -- TF1 helpers ------------------------------------------------------------
 
 
+def _check_max_norm(max_norm):
+    """A finite number > 0, or a tensor or variable (read at every step)."""
+    if tf.is_tensor(max_norm):  # also a tf.Variable or keras.Variable
+        return max_norm
+    if _is_number(max_norm) and math.isfinite(max_norm) and max_norm > 0:
+        return max_norm
+    raise ValueError(
+        "`max_norm` must be a finite number > 0 or a scalar tensor. "
+        f"Received: max_norm={max_norm!r}"
+    )
+
+
 def clip_gradient_norms(gradients_to_variables, max_norm):
     """Clips each gradient to L2 norm at most `max_norm`, one tensor at a time.
 
@@ -249,11 +292,13 @@ def clip_gradient_norms(gradients_to_variables, max_norm):
 
     Args:
         gradients_to_variables: a list of `(gradient, variable)` pairs.
-        max_norm: the largest norm allowed for each gradient.
+        max_norm: the largest norm allowed for each gradient: a finite number
+            > 0, or a scalar tensor.
 
     Returns:
         A new list of `(clipped_gradient, variable)` pairs.
     """
+    _check_max_norm(max_norm)
     clipped = []
     for grad, var in gradients_to_variables:
         if grad is not None:
@@ -269,6 +314,7 @@ def clip_gradient_norms(gradients_to_variables, max_norm):
 
 def clip_gradient_norms_fn(max_norm):
     """Returns a `transform_grads_fn` that calls `clip_gradient_norms`."""
+    _check_max_norm(max_norm)
 
     def clip_norms(gradients_to_variables):
         return clip_gradient_norms(gradients_to_variables, max_norm)
@@ -301,8 +347,10 @@ def multiply_gradients(grads_and_vars, gradient_multipliers):
 
     Raises:
         ValueError: if `grads_and_vars` is not a list, `gradient_multipliers`
-            is empty or not a dict, or a multiplier is given for a None
-            gradient.
+            is empty or not a dict, a key or a value has the wrong type, no
+            key names any variable of a non-empty `grads_and_vars` (keys that
+            name nothing while others match pass, as in TF1), or a multiplier
+            is given for a None gradient.
     """
     if not isinstance(grads_and_vars, list):
         raise ValueError(
@@ -318,14 +366,39 @@ def multiply_gradients(grads_and_vars, gradient_multipliers):
             "`gradient_multipliers` must be a dict. "
             f"Received: gradient_multipliers={gradient_multipliers!r}"
         )
+    for key, value in gradient_multipliers.items():
+        if not (isinstance(key, str) or hasattr(key, "deref")):
+            raise ValueError(
+                "Each key of `gradient_multipliers` must be a `variable.ref()`, a "
+                "`variable.path` or a tf.Variable's name without ':0'. "
+                f"Found {key!r}. Received: gradient_multipliers={gradient_multipliers!r}"
+            )
+        if not _is_number_or_tensor(value):  # a number, an array, a tensor or a variable
+            raise ValueError(
+                "Each value of `gradient_multipliers` must be a number or a scalar "
+                f"tensor or variable. Found {value!r} for key {key!r}. "
+                f"Received: gradient_multipliers={gradient_multipliers!r}"
+            )
+    keys = [_multiplier_for(var, gradient_multipliers) for _, var in grads_and_vars]
+    if grads_and_vars and all(key is None for key in keys):
+        # TF1 let keys that name nothing pass; when none names anything, the
+        # call does nothing, which is never what was meant (a TF1 op name, a
+        # name with ':0', a Keras variable keyed by `.name` instead of `.path`).
+        raise ValueError(
+            "No key of `gradient_multipliers` names a variable of "
+            "`grads_and_vars` (keys match `variable.ref()`, `variable.path`, or "
+            "a tf.Variable's name without ':0'). Variables: "
+            f"{[variable_name(v) for _, v in grads_and_vars]}. "
+            f"Received: gradient_multipliers={gradient_multipliers!r}"
+        )
     multiplied = []
-    for grad, var in grads_and_vars:
-        key = _multiplier_for(var, gradient_multipliers)
+    for (grad, var), key in zip(grads_and_vars, keys):
         if key is not None:
             if grad is None:
                 raise ValueError(
                     "Requested multiple of `None` gradient for variable "
-                    f"{variable_name(var)!r}."
+                    f"{variable_name(var)!r}. "
+                    f"Received: gradient_multipliers={gradient_multipliers!r}"
                 )
             multiplier = tf.cast(gradient_multipliers[key], grad.dtype)
             if isinstance(grad, tf.IndexedSlices):

@@ -6,7 +6,9 @@ at construction time, so that a wrong argument fails before training starts,
 with a message in Keras's style: "`x` must be .... Received: x=...".
 """
 
+import inspect
 import re
+import types
 
 import tensorflow as tf
 
@@ -84,9 +86,47 @@ def validate_callable(name, value, allow_none=True):
     raise ValueError(f"`{name}` must be {what}. Received: {name}={value!r}")
 
 
+def _factory_names():
+    """Public factories whose *result* is a transform: kt.transforms.*, clip_gradient_norms_fn."""
+    from keras_trainop import transforms
+
+    return {n for n in transforms.__all__ if n.islower()} | {"clip_gradient_norms_fn"}
+
+
+def _not_a_transform(value):
+    """Why a callable cannot be a transform (one list of pairs in, one out), or None."""
+    if isinstance(value, type):
+        return f"is a class, not a transform: instantiate it ({value.__name__}(...))"
+    if (
+        isinstance(value, types.FunctionType)
+        and value.__module__.startswith("keras_trainop.")
+        and value.__name__ in _factory_names()
+    ):
+        return (
+            f"is the factory `{value.__name__}`, not a transform: call it "
+            f"({value.__name__}(...)) and pass what it returns"
+        )
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):  # a builtin: nothing to check
+        return None
+    try:
+        signature.bind([])
+    except TypeError:
+        return f"cannot be called with one argument, the list of pairs (signature {signature})"
+    return None
+
+
 def validate_transforms(grad_transforms, transform_grads_fn):
     """Returns the list of transforms to apply in order (maybe empty)."""
     validate_callable("transform_grads_fn", transform_grads_fn)
+    problem = None if transform_grads_fn is None else _not_a_transform(transform_grads_fn)
+    if problem:
+        raise ValueError(
+            "`transform_grads_fn` must be a callable taking and returning a list "
+            f"of (gradient, variable) pairs. It {problem}. "
+            f"Received: transform_grads_fn={transform_grads_fn!r}"
+        )
     if grad_transforms is not None and transform_grads_fn is not None:
         raise ValueError(
             "Pass either `grad_transforms` or `transform_grads_fn`, not both: "
@@ -98,18 +138,20 @@ def validate_transforms(grad_transforms, transform_grads_fn):
         return [transform_grads_fn]
     if grad_transforms is None:
         return []
-    if callable(grad_transforms):
-        return [grad_transforms]
-    if isinstance(grad_transforms, (list, tuple)):
-        for i, t in enumerate(grad_transforms):
-            if not callable(t):
+    single = callable(grad_transforms)
+    if single or isinstance(grad_transforms, (list, tuple)):
+        listed = [grad_transforms] if single else list(grad_transforms)
+        for i, t in enumerate(listed):
+            problem = "is not callable" if not callable(t) else _not_a_transform(t)
+            if problem:
+                where = "It" if single else f"Element {i}"
                 raise ValueError(
                     "`grad_transforms` must be a callable or a list of callables, "
                     "each taking and returning a list of (gradient, variable) "
-                    f"pairs. Element {i} is not callable. "
+                    f"pairs. {where} {problem}. "
                     f"Received: grad_transforms={grad_transforms!r}"
                 )
-        return list(grad_transforms)
+        return listed
     raise ValueError(
         "`grad_transforms` must be a callable or a list of callables. "
         f"Received: grad_transforms={grad_transforms!r}"

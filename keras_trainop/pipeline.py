@@ -62,15 +62,59 @@ def _check_transform_output(index, transform, result, allowed):
             "(gradient, variable) pairs, as TF1's `transform_grads_fn` did. "
             f"Received: {result!r}"
         )
-    for _, var in result:
+    seen = set()
+    for grad, var in result:
         if id(var) not in allowed:
             raise ValueError(
                 f"Gradient transform {index} ({transform!r}) returned a pair for "
-                f"variable {summaries.variable_name(var)!r}, which is not one of the "
+                f"variable {_describe(var)}, which is not one of the "
                 "variables being trained. A transform may drop pairs or change "
                 "gradients, never add variables."
             )
+        if id(var) in seen:
+            raise ValueError(
+                f"Gradient transform {index} ({transform!r}) returned more than one "
+                f"pair for variable {_describe(var)}: it would be updated twice. "
+                f"Received: {len(result)} pairs for {len(allowed)} variables"
+            )
+        seen.add(id(var))
+        if grad is not None:
+            _check_gradient(index, transform, grad, var)
     return [tuple(p) for p in result]
+
+
+def _describe(var):
+    try:
+        return repr(summaries.variable_name(var))
+    except AttributeError:  # not a variable at all
+        return repr(var)
+
+
+def _check_gradient(index, transform, grad, var):
+    """A transform's gradient must fit its variable: a tensor of its shape and dtype."""
+    values = summaries.gradient_values(grad)
+    shape, dtype = getattr(values, "shape", None), getattr(values, "dtype", None)
+    if shape is None or dtype is None:
+        raise ValueError(
+            f"Gradient transform {index} ({transform!r}) returned, for variable "
+            f"{_describe(var)}, a gradient that is not a tensor, tf.IndexedSlices "
+            f"or None. Received: gradient={grad!r}"
+        )
+    shape, dtype = tf.TensorShape(shape), tf.as_dtype(dtype)
+    var_shape, var_dtype = tf.TensorShape(var.shape), tf.as_dtype(var.dtype)
+    if isinstance(grad, tf.IndexedSlices):  # rows of the variable
+        fits = shape.rank is None or (
+            shape.rank == var_shape.rank and shape[1:].is_compatible_with(var_shape[1:])
+        )
+    else:
+        fits = shape.is_compatible_with(var_shape)
+    if not fits or dtype != var_dtype:
+        raise ValueError(
+            f"Gradient transform {index} ({transform!r}) returned, for variable "
+            f"{_describe(var)} of shape {var_shape} and dtype {var_dtype.name}, a "
+            "gradient that does not fit it: a transform must keep each gradient's "
+            f"shape and dtype. Received: gradient of shape {shape} and dtype {dtype.name}"
+        )
 
 
 def _put_back_where(blocked, pairs, only=None):
@@ -231,7 +275,6 @@ class StepPipeline:
         if isinstance(self.options.global_step, keras.Variable):
             state.append(self.options.global_step)
         return state
-
 
     # -- the step ---------------------------------------------------------
 

@@ -133,8 +133,16 @@ class GradientTelemetry:
 
     # -- on the host ----------------------------------------------------------
 
-    def flush(self, writer):
-        """Writes the records not written yet, in step order. Returns the last step."""
+    def flush(self, writer, skipped_total=None):
+        """Writes the records not written yet, in step order. Returns the last step.
+
+        Args:
+            writer: the summary writer.
+            skipped_total: None, or the skip policy's count of skipped steps,
+                read by the host after the call: written at each record as
+                `skipped_steps/total` (with `steps_per_execution > 1`, the
+                count at the end of the call, which may be past the record).
+        """
         if self._state is None:
             return 0
         state = self._state
@@ -155,6 +163,8 @@ class GradientTelemetry:
                 if self.histograms:
                     for name, buckets in zip(self.names, histograms[i]):
                         summaries.write_histogram(f"{name}/gradient", buckets, step)
+                if skipped_total is not None and (self.norms or self.histograms):
+                    tf.summary.scalar("skipped_steps/total", skipped_total)
         self.last_written = new[-1][0]
         return self.last_written
 

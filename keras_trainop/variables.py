@@ -2,6 +2,7 @@
 
 import re
 
+import keras
 import tensorflow as tf
 
 from keras_trainop.summaries import variable_name
@@ -61,6 +62,14 @@ def select_variables(selection, default, trainable, owner):
     items = selection() if callable(selection) else selection
     if not isinstance(items, (list, tuple)):
         items = [items]
+    for item in items:
+        if not isinstance(item, (str, tf.Variable, keras.Variable)):
+            # What a callable returned (a list given directly is checked at compile()).
+            raise ValueError(
+                "`variables_to_train` must select variables and/or regular "
+                f"expressions on `variable.path`. Found {item!r} of type "
+                f"{type(item).__name__}. Received: variables_to_train={selection!r}"
+            )
     index = {}
     for var in trainable:
         for key in _keys(var):
