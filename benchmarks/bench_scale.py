@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_trainop as kt  # noqa: E402
+from bench_overhead import BatchTimer  # noqa: E402
 
 BATCH = 128
 K = 4
@@ -68,18 +69,6 @@ PART2 = {
     # The per-step cost of any loop over 4 batches of 32 (4 updates, not 1).
     "no_accumulation_4_x_32": (kt.Model, clip_only, False, BATCH // K),
 }
-
-
-class BatchTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._t)
 
 
 def build(cls, options, jit):

@@ -383,10 +383,7 @@ class FailureGuard:
                 # Nothing raises inside XLA: no later step of the same call may
                 # apply until the caller has read the record.
                 gate = tf.logical_and(ok, tf.equal(self.failed_step, 0))
-            if merge:
-                _cross_replica_cond(gate, on_success, on_failure, args)
-            else:
-                tf.cond(gate, lambda: on_success(*args), lambda: on_failure(*args))
+            replica_cond(gate, on_success, on_failure, args)
             if not in_xla and policy.skip and policy.max_consecutive is not None:
                 with tf.control_dependencies([tf.convert_to_tensor(self.consecutive)]):
                     tf.debugging.Assert(

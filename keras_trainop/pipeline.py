@@ -27,14 +27,16 @@ Stages 9 to 11 form "the update". With `check_numerics` it runs under
 variable: no weight, no optimizer slot, no counter.
 """
 
+import functools
+
 import keras
 import tensorflow as tf
 
 from keras_trainop import _keras_private as private
-from keras_trainop.accumulation import GradientAccumulator
 from keras_trainop import gradients as gradients_lib
 from keras_trainop import numerics
 from keras_trainop import summaries
+from keras_trainop.accumulation import GradientAccumulator
 from keras_trainop.options import USE_GLOBAL_STEP
 from keras_trainop.transforms.base import build_child, child_variables, map_values
 from keras_trainop.variables import select_variables
@@ -130,6 +132,12 @@ def _put_back_where(blocked, pairs, only=None):
     ]
 
 
+def _all_of(*flags):
+    """The conjunction of the bool scalars that are not None; None if all are."""
+    flags = [f for f in flags if f is not None]
+    return functools.reduce(tf.logical_and, flags) if flags else None
+
+
 def in_replica_context():
     """Whether the step runs per replica, under a distribution strategy."""
     return tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
@@ -186,6 +194,7 @@ class StepPipeline:
                 "`tf.compat.v1.train.Optimizer`s are not supported). "
                 f"Received: optimizer={optimizer!r}"
             )
+        self.warned = set()
         own = getattr(getattr(optimizer, "inner_optimizer", optimizer), "gradient_accumulation_steps", None)
         if own and options.accumulates:
             raise ValueError(
@@ -197,7 +206,7 @@ class StepPipeline:
             )
         if own and (options.transforms or options.numerics.check_gradients):
             gradients_lib.warn_once(
-                set(),
+                self.warned,
                 "optimizer-accumulation",
                 "keras_trainop: the optimizer accumulates gradients itself "
                 f"(gradient_accumulation_steps={own}), after keras_trainop's "
@@ -210,7 +219,6 @@ class StepPipeline:
         self.guard = (
             numerics.FailureGuard.for_optimizer(optimizer) if options.numerics.enabled else None
         )
-        self.warned = set()
         self.accumulator = (
             GradientAccumulator(options.gradient_accumulation_steps) if options.accumulates else None
         )
@@ -393,8 +401,8 @@ class StepPipeline:
                 [summaries.gradient_values(g) for g, _ in (raw if ready is None else grads_and_vars) if g is not None]
             )
         # When nothing is applied, the transforms' state is put back.
-        held = [tf.logical_not(c) for c in (ready, finite) if c is not None]
-        held = held[0] if len(held) == 1 else (tf.logical_or(*held) if held else None)
+        held = _all_of(ready, finite)
+        held = None if held is None else tf.logical_not(held)
         kept = self.transform_variables()
         kept_ids = {id(v) for v in kept}
         skip_ids = {id(v) for v in self.state_variables()}  # never changed by a blocked step
@@ -418,10 +426,9 @@ class StepPipeline:
         if telemetry is not None:
             # A step that will not be applied is not recorded: its number is
             # the next applied update's.
-            applies = [c for c in (None if verdict is None else verdict.ok, finite, ready) if c is not None]
             telemetry.record(
                 step, before, grads_and_vars, bool(options.transforms),
-                applies=tf.reduce_all(tf.stack(applies)) if applies else None,
+                applies=_all_of(None if verdict is None else verdict.ok, finite, ready),
             )
 
         if scale is not None:

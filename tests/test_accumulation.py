@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import MODES, max_abs_diff, mlp, mode_kwargs, optimizer_state, regression_data
+from conftest import MODES, layer_weights, max_abs_diff, mlp, mode_kwargs, optimizer_state, regression_data
 from test_transforms_model import embedding_model, token_data
 
 import keras_trainop as kt
@@ -18,11 +18,6 @@ import keras_trainop as kt
 MICRO = 8
 K = 4
 CLIP = 0.3
-
-
-def trained(model):
-    """The trainable weights (a kt model's weights also hold the gradient sums)."""
-    return [v.numpy() for v in model.trainable_weights]
 
 
 def sgd(**kwargs):
@@ -55,13 +50,13 @@ def test_k_micro_batches_equal_one_batch_k_times_larger_with_the_clip_applied_on
     ours = accumulating(mode)
     fit(ours, x, y)
     # The clip acts (a micro-batch clipped alone would give other weights).
-    assert max_abs_diff(trained(ours), trained(reference)) <= 1e-6
+    assert max_abs_diff(layer_weights(ours), layer_weights(reference)) <= 1e-6
     assert max_abs_diff(optimizer_state(ours), optimizer_state(reference)) <= 1e-6
     assert int(ours.optimizer.iterations.numpy()) == 4  # updates, not micro-batches
     unclipped = mlp(keras.Model)
     unclipped.compile(sgd(), "mse", **mode_kwargs(mode))
     unclipped.fit(x, y, batch_size=MICRO * K, epochs=2, verbose=0, shuffle=False)
-    assert max_abs_diff(trained(unclipped), trained(reference)) > 1e-3  # the clip acts
+    assert max_abs_diff(layer_weights(unclipped), layer_weights(reference)) > 1e-3  # the clip acts
 
 
 @pytest.mark.parametrize("mode", ["graph", "jit"])
@@ -71,7 +66,7 @@ def test_accumulation_with_steps_per_execution(mode, steps_per_execution):
     reference = large_batch_reference(mode, x, y)
     ours = accumulating(mode, steps_per_execution=steps_per_execution)
     fit(ours, x, y)
-    assert max_abs_diff(trained(ours), trained(reference)) <= 1e-6
+    assert max_abs_diff(layer_weights(ours), layer_weights(reference)) <= 1e-6
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -84,7 +79,7 @@ def test_sparse_gradients_accumulate(mode):
     reference.fit(x, y, batch_size=MICRO * K, epochs=2, verbose=0, shuffle=False)
     ours = accumulating(mode, model=embedding_model(kt.Model), grad_transforms=None)
     fit(ours, x, y)
-    assert max_abs_diff(trained(ours), trained(reference)) <= 1e-6
+    assert max_abs_diff(layer_weights(ours), layer_weights(reference)) <= 1e-6
 
 
 def low_scale_lso():
@@ -100,7 +95,7 @@ def test_accumulation_under_mixed_precision_equals_the_float32_large_batch(mode,
     keras.mixed_precision.set_dtype_policy("float32")
     reference = large_batch_reference(mode, x, y)
     assert int(ours.optimizer.iterations.numpy()) == 4
-    assert max_abs_diff(trained(ours), trained(reference)) <= 1e-3
+    assert max_abs_diff(layer_weights(ours), layer_weights(reference)) <= 1e-3
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -118,7 +113,7 @@ def test_an_overflowing_micro_batch_skips_its_whole_update(mode, mixed_float16):
     keras.mixed_precision.set_dtype_policy("float32")
     # Oracle: float32 on the first large batch only.
     reference = large_batch_reference(mode, x[: MICRO * K], y[: MICRO * K], epochs=1)
-    assert max_abs_diff(trained(ours), trained(reference)) <= 1e-3
+    assert max_abs_diff(layer_weights(ours), layer_weights(reference)) <= 1e-3
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -144,7 +139,7 @@ def test_a_skipped_micro_batch_adds_nothing(mode):
     keep = np.r_[0:MICRO, 2 * MICRO : len(x)]
     reference = accumulating(mode, check_numerics="skip")
     fit(reference, x[keep], y[keep], epochs=1)
-    assert max_abs_diff(trained(ours), trained(reference)) == 0
+    assert max_abs_diff(layer_weights(ours), layer_weights(reference)) == 0
     assert max_abs_diff(
         ours.train_pipeline.accumulator_variables(), reference.train_pipeline.accumulator_variables()
     ) == 0
@@ -183,7 +178,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(mode, tmp_path):
     resumed = keras.saving.load_model(path)
     assert resumed.train_options.gradient_accumulation_steps == K
     fit(resumed, x[6 * MICRO :], y[6 * MICRO :], epochs=1)
-    assert max_abs_diff(trained(resumed), trained(uninterrupted)) <= 1e-6
+    assert max_abs_diff(layer_weights(resumed), layer_weights(uninterrupted)) <= 1e-6
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -220,7 +215,7 @@ def test_create_train_step_accumulates():
     for start in range(0, len(x), MICRO):
         traced(x[start : start + MICRO], y[start : start + MICRO])
     assert int(optimizer.iterations.numpy()) == 2
-    assert max_abs_diff(trained(model), trained(reference)) <= 1e-6
+    assert max_abs_diff(layer_weights(model), layer_weights(reference)) <= 1e-6
 
 
 @pytest.mark.parametrize(
@@ -251,4 +246,4 @@ def test_one_step_is_no_accumulation():
     fit(ours, x, y, epochs=1)
     fit(plain, x, y, epochs=1)
     assert ours.train_pipeline.accumulator is None
-    assert max_abs_diff(trained(ours), trained(plain)) == 0
+    assert max_abs_diff(layer_weights(ours), layer_weights(plain)) == 0
