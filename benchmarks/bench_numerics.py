@@ -1,9 +1,16 @@
 """Per-step cost of each check_numerics policy against no check, in one run.
 
 Models: the core MLP (784-256-256-10, batch 128) and a deep narrow model with
-200 small variables (100 Dense(16) layers, batch 64). Each round runs one epoch
-of every variant in a rotating order; the statistic is the median per-batch
-time; the ratio is against `check_numerics=False` on the same model.
+200 small variables (100 Dense(16) layers, batch 64), Adam, graph mode.
+
+Method. Two copies of the same model can differ by several percent in speed
+(measured: 4.5% between two plain Keras copies, steadily over 1000 calls), so
+every variant is built `--copies` times and each copy's step is a
+`tf.function` of its `train_step`, called on one fixed batch. The calls are
+interleaved (one call of every copy of every variant, in an order that
+rotates), so that drift of a shared machine hits all alike. A copy's figure is
+the median of its call times; a variant's is the mean over its copies, and
+its ratio is against `check_numerics=False`.
 
 Two more variants measure what any all-or-nothing gradient check must pay,
 with no check at all: a plain `keras.Model` whose `train_step` applies the
@@ -11,22 +18,20 @@ gradients as Keras does ("tape"), and the same step with one barrier
 (`tf.tuple`) that makes every update wait for every gradient ("barrier").
 
 Usage:
-    python benchmarks/bench_numerics.py [--model mlp|deep|both] [--rounds 10]
-        [--steps 100] [--jit]
+    python benchmarks/bench_numerics.py [--model mlp|deep|both] [--copies 4]
+        [--calls 250] [--jit]
 """
 
 import argparse
 import os
 import statistics
-import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from bench_overhead import BatchTimer  # noqa: E402
 
 import keras_trainop as kt  # noqa: E402
 
@@ -91,37 +96,54 @@ VARIANTS = {**POLICIES, **{name: name for name in PLAIN}}
 
 
 def run(name, architecture, args):
-    models = {p: build(architecture, v, args.jit) for p, v in VARIANTS.items()}
-    batch = next(iter(models.values()))[1]
-    features = next(iter(models.values()))[0].input_shape[-1]
+    copies = {}  # (variant, copy) -> step function
+    for copy in range(args.copies):
+        for p, v in VARIANTS.items():
+            model, batch = build(architecture, v, args.jit)
+            copies[p, copy] = tf.function(model.train_step)
+    features = model.input_shape[-1]
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.steps * batch, features), dtype=np.float32)
-    y = rng.integers(0, 10, size=(args.steps * batch,))
-    timers = {p: BatchTimer() for p in VARIANTS}
-    names = list(VARIANTS)
-    for p in names:
-        models[p][0].fit(x, y, batch_size=batch, epochs=1, verbose=0)
-    for r in range(args.rounds):
-        for p in names[r % len(names):] + names[: r % len(names)]:
-            models[p][0].fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timers[p]])
-    base = statistics.median(timers["no_check"].times)
-    variables = len(models["no_check"][0].trainable_variables)
-    print(f"model={name} ({variables} variables) jit={args.jit} rounds={args.rounds} steps={args.steps}")
-    for p in POLICIES:
-        med = statistics.median(timers[p].times)
-        print(f"  check_numerics={POLICIES[p]!r:<8} {med * 1e3:8.3f} ms/step  ratio {med / base:.3f}")
-    tape = statistics.median(timers["tape"].times)
-    barrier = statistics.median(timers["barrier"].times)
-    print(f"  plain Keras, own train_step  {tape * 1e3:8.3f} ms/step  ratio {tape / base:.3f}")
-    print(f"  the same with one barrier    {barrier * 1e3:8.3f} ms/step  ratio {barrier / base:.3f}"
-          f"  (barrier / plain: {barrier / tape:.3f})")
+    data = (
+        tf.constant(rng.standard_normal((batch, features), dtype=np.float32)),
+        tf.constant(rng.integers(0, 10, size=(batch,))),
+    )
+    keys = list(copies)
+    for key in keys:
+        for _ in range(3):
+            copies[key](data)
+    times = {key: [] for key in keys}
+    for call in range(args.calls):
+        shift = call % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            start = time.perf_counter()
+            copies[key](data)
+            times[key].append(time.perf_counter() - start)
+
+    def figure(p):
+        per_copy = [statistics.median(times[p, c]) for c in range(args.copies)]
+        return statistics.mean(per_copy), per_copy
+
+    base, _ = figure("no_check")
+    variables = len(model.trainable_variables)
+    print(
+        f"model={name} ({variables} variables) jit={args.jit} copies={args.copies} "
+        f"calls={args.calls}"
+    )
+    labels = {p: f"check_numerics={POLICIES[p]!r}" for p in POLICIES}
+    labels.update(tape="plain Keras, own train_step", barrier="the same with one barrier")
+    for p in VARIANTS:
+        mean, per_copy = figure(p)
+        spread = " ".join(f"{t * 1e3:.2f}" for t in per_copy)
+        print(f"  {labels[p]:<30} {mean * 1e3:7.3f} ms/step  ratio {mean / base:.3f}  (copies: {spread})")
+    tape, barrier = figure("tape")[0], figure("barrier")[0]
+    print(f"  barrier / plain Keras: {barrier / tape:.3f}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="both", choices=["mlp", "deep", "both"])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--copies", type=int, default=4)
+    parser.add_argument("--calls", type=int, default=250)
     parser.add_argument("--jit", action="store_true")
     args = parser.parse_args()
     for name, architecture in (("mlp", mlp), ("deep", deep)):

@@ -197,3 +197,27 @@ def test_fit_patch_changes_nothing_off_multi_worker(keras_as_released, make_stra
     assert patched_losses == losses
     for a, b in zip(patched_weights, weights):
         np.testing.assert_array_equal(a, b)
+
+
+def _gated_increment(v):
+    @tf.function
+    def step(ok):
+        check = tf.debugging.Assert(ok, ["not ok"])
+        write = v.assign_add(1.0, read_value=False)
+        private.add_control_input(write, check)
+        assert check in write.control_inputs
+
+    return step
+
+
+def test_add_control_input_makes_a_built_op_wait():
+    v = tf.Variable(0.0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not ok"):
+        _gated_increment(v)(tf.constant(False))
+    assert v.numpy() == 0.0
+
+
+def test_add_control_input_lets_the_op_run_after_the_control():
+    v = tf.Variable(0.0)
+    _gated_increment(v)(tf.constant(True))
+    assert v.numpy() == 1.0

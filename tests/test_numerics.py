@@ -141,6 +141,61 @@ def test_non_finite_loss_from_the_loss_function(mode, target):
     assert max_abs_diff(m.get_weights(), reference.get_weights()) == 0
 
 
+def decaying(mode, check_numerics, counter, global_step):
+    """A model whose update changes state that reads no gradient.
+
+    AdamW's weight decay (`w -= lr * wd * w`), a kernel constraint, the
+    optimizer's `iterations += 1`, an update op and a global step: none of
+    them depends on the gradients, and all must wait for the check.
+    """
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(8, activation="tanh", kernel_constraint=keras.constraints.MaxNorm(1.5))(inputs)
+    m = kt.Model(inputs, keras.layers.Dense(1)(h))
+    m.compile(
+        keras.optimizers.AdamW(0.01, weight_decay=0.5),
+        "mse",
+        check_numerics=check_numerics,
+        update_ops=[lambda: counter.assign_add(1)],
+        global_step=global_step,
+        **mode_kwargs(mode),
+    )
+    return m
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("policy", [True, "all"])
+def test_a_failing_step_changes_no_state_that_reads_no_gradient(mode, policy):
+    x, y = regression_data(n=64)
+    counter, step = keras.Variable(0, dtype="int64"), keras.Variable(0, dtype="int64")
+    m = decaying(mode, policy, counter, step)
+    with pytest.raises(kt.NonFiniteError, match="inf or nan at step 3"):
+        fit(m, *poison(x, y, batch=2, how="nan_y"))
+    ref_counter, ref_step = keras.Variable(0, dtype="int64"), keras.Variable(0, dtype="int64")
+    reference = decaying(mode, policy, ref_counter, ref_step)
+    fit(reference, *batches(x, y, [0, 1]))
+    assert int(m.optimizer.iterations) == 2
+    assert (int(counter.numpy()), int(step.numpy())) == (2, 2) == (int(ref_counter.numpy()), int(ref_step.numpy()))
+    assert max_abs_diff(m.get_weights(), reference.get_weights()) == 0
+    assert max_abs_diff(optimizer_state(m), optimizer_state(reference)) == 0
+
+
+def test_only_state_changes_wait_for_the_check():
+    # The update's constants, reads and arithmetic run while the step still
+    # computes; only ops that change state get the check as a control input.
+    m = decaying("graph", "all", keras.Variable(0, dtype="int64"), None)
+    x, y = regression_data(n=16)
+    m.fit(x, y, batch_size=16, epochs=1, verbose=0)  # builds the optimizer
+    graph = tf.function(m.train_step).get_concrete_function((tf.constant(x), tf.constant(y))).graph
+    asserts = [op for op in graph.get_operations() if op.type == "Assert"]
+    assert len(asserts) == 1
+    waiting = [op for op in graph.get_operations() if asserts[0] in op.control_inputs]
+    types = {op.type for op in waiting}
+    assert waiting and types <= {"AssignAddVariableOp", "AssignSubVariableOp", "AssignVariableOp", "NoOp"}, types
+    # At most one per variable the update writes (weights, slots, iterations, ...).
+    assert len(waiting) <= len(m.trainable_variables) + len(m.optimizer.variables) + 2
+
+
 # -- skip policy ----------------------------------------------------------------------
 
 
