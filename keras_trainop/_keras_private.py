@@ -63,13 +63,13 @@ def in_xla_context():
 def add_control_input(op, control):
     """Makes the already built `op` wait for the op `control`.
 
-    A failing step's update must not start, yet the update's constants and
-    variable reads should not wait (hundreds of tiny ops that otherwise run
-    while the backward pass still computes: 18% on a 200-variable model).
-    So the update is built on gated gradients, and only the few state
-    changes that read no gradient (the optimizer's `iterations += 1`) get
-    this control edge afterwards. TF's automatic control dependencies add
-    edges the same way; there is no public call for it.
+    A failing step's update must not change any state, yet its constants,
+    variable reads and arithmetic should not wait for the check: under
+    `tf.control_dependencies` they all do, which cost 1.18 to 1.29 times a
+    step without the check on a 200-variable model. So `numerics.run_after`
+    builds the update as it is and then gives this control edge to each op
+    that changes state and does not already wait. TF's automatic control
+    dependencies add edges the same way; there is no public call for it.
     """
     op._add_control_input(control)
 
