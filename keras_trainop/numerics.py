@@ -3,23 +3,26 @@
 `tf.debugging.check_numerics` is not enough: in TF1 graph mode it did not
 block the update, and under XLA it is silently dropped. keras_trainop computes
 one finiteness flag per step (the loss, and with `check_numerics="all"` or the
-skip policy every gradient, in a few grouped sums of `x * 0`) and then:
+skip policy every gradient, in a few grouped sums: `gradient_flags`) and then:
 
 - raise policy, eager and graph mode: an in-graph `tf.debugging.Assert` of
   the flag, and every state change of the update (assignments, the
   optimizer's `iterations += 1`) waits for it (`run_after`), so a failing
-  step stops before any update runs. No `tf.cond` is on the success path, and
-  the update's arithmetic does not wait: a check of the loss alone costs
-  nothing, and the check of every gradient costs what any all-or-nothing
-  check must, a barrier between the last gradient and the first assignment.
+  step stops before any update runs. The update is not inside a `tf.cond`,
+  and its arithmetic does not wait: a check of the loss alone costs nothing,
+  and the check of every gradient costs what any all-or-nothing check must,
+  a barrier between the last gradient and the first assignment, plus one
+  sum over the gradients.
 - XLA, where `Assert` is dropped, and the skip policy: the update runs under
   `tf.cond(flag, update, on_failure)`. Under XLA the failing step is recorded
   in a variable, every later step of the same execution is blocked too, and
   the caller reads the record after the call (`raise_if_failed`).
 
 On failure, state the forward pass changed (BatchNormalization statistics) is
-put back, and which gradients were non-finite is worked out then, not on the
-success path.
+put back, and the record keeps the step, what failed, and one flag per
+gradient. The flags come from the check's own sums (on the raise path in
+graph mode they are written with `tf.where` on every step); only the names
+are worked out, on the host, when a step fails.
 """
 
 import collections
@@ -170,38 +173,50 @@ _IN_PLACE = 1 << 16  # elements: a larger gradient is checked where it is, not c
 def gradient_flags(grads):
     """Per-tensor finiteness of `grads` (no None), in few ops whatever their number.
 
-    A large gradient is reduced in place; small ones are stacked per (dtype,
-    shape), one reduction per group that keeps one flag per tensor. The
-    reduction is a sum of `x * 0`: 0 where every element is finite, nan
-    otherwise, exact in every dtype (no overflow) and several times faster on
-    a CPU than `reduce_all(is_finite(x))`. A nested XLA cluster would
-    fuse it all into one kernel, but its launch waits for every gradient and
-    measured slower on a CPU than these few ops.
+    A large gradient is reduced where it is; small ones are stacked per
+    (dtype, shape), one reduction per group that keeps one flag per tensor.
+    Each reduction is a plain sum: a sum is finite only if every element is,
+    and a float sum is several times faster on a CPU than
+    `reduce_all(is_finite(x))` (a bool reduction) or a sum of `x * 0` (a
+    second pass). A sum of finite elements can still overflow, so when any
+    sum is not finite the flags are worked out again, exactly, from sums of
+    `x * 0` (0 where every element is finite, nan otherwise, and a sum of
+    zeros cannot overflow), in a `tf.cond` branch that a finite step never
+    runs. A nested XLA cluster would fuse it all into one kernel, but its
+    launch waits for every gradient and measured slower on a CPU than these
+    few ops.
 
     Returns:
         `(flags, order)`: a bool vector with one flag per gradient, True when
         finite, and the index in `grads` of each flag.
     """
-    flags, order, groups = [], [], {}
+    parts, order, groups = [], [], {}  # parts: (tensor, axes to reduce)
     for i, t in enumerate(grads):
         size = t.shape.num_elements()
         if size is not None and size <= _IN_PLACE:
             groups.setdefault((t.dtype, tuple(t.shape)), []).append(i)
         else:
-            flags.append(tf.reshape(_finite(t, None), [1]))
+            parts.append((tf.reshape(t, [1, -1]), [1]))
             order.append(i)
     for (_, shape), indices in groups.items():
-        stacked = tf.stack([grads[i] for i in indices])
-        flags.append(_finite(stacked, list(range(1, len(shape) + 1))))
+        members = [grads[i] for i in indices]
+        # One member: a reshape, not a copy.
+        stacked = tf.stack(members) if len(members) > 1 else tf.expand_dims(members[0], 0)
+        parts.append((stacked, list(range(1, len(shape) + 1))))
         order.extend(indices)
-    return (flags[0] if len(flags) == 1 else tf.concat(flags, 0)), order
+
+    def flags_of(reduce):
+        flags = [tf.math.is_finite(reduce(t, axes)) for t, axes in parts]
+        return flags[0] if len(flags) == 1 else tf.concat(flags, 0)
+
+    quick = flags_of(tf.reduce_sum)
+    flags = tf.cond(tf.reduce_all(quick), lambda: quick, lambda: flags_of(_sum_of_zeros))
+    return flags, order
 
 
-def _finite(t, axis):
-    # x * 0 is 0 where x is finite and nan elsewhere, and a sum of zeros
-    # cannot overflow: exact, and a vectorised sum is much faster than
-    # `reduce_all(is_finite(x))` (a bool reduction).
-    return tf.math.is_finite(tf.reduce_sum(t * tf.zeros([], t.dtype), axis=axis))
+def _sum_of_zeros(t, axes):
+    # x * 0 is 0 where x is finite and nan elsewhere; a sum of zeros cannot overflow.
+    return tf.reduce_sum(t * tf.zeros([], t.dtype), axis=axes)
 
 
 def _cross_replica_cond(ok, true_fn, false_fn, args):

@@ -338,6 +338,30 @@ def test_functional_all_names_a_single_layer_gradient(mode):
     assert int(opt.iterations) == 1
 
 
+# -- huge but finite gradients ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("policy", ["all", "skip"])
+@pytest.mark.parametrize("size", [4, 70_000], ids=["grouped", "in_place"])
+def test_huge_finite_gradients_are_applied(mode, policy, size):
+    # Every gradient element is 3e38: finite, but their sum overflows float32.
+    # The check's quick sums call that non-finite; its exact fallback must not.
+    w = keras.Variable(np.zeros(size, "float32"), name="w")
+    huge = tf.constant(np.full(size, 3e38, "float32"))
+    opt = keras.optimizers.SGD(1e-30)
+    step = kt.create_train_step(
+        lambda: tf.reduce_sum(w * huge), opt, check_numerics=policy, variables_to_train=lambda: [w]
+    )
+    FUNCTIONAL_MODES[mode](step)()
+    step.raise_if_failed()  # nothing was recorded as failed
+    assert int(opt.iterations) == 1
+    assert int(step.skipped_steps.numpy()) == 0
+    # Oracle: one SGD step in float32, by hand.
+    expected = np.float32(0) - np.float32(1e-30) * np.float32(3e38)
+    np.testing.assert_allclose(w.numpy(), np.full(size, expected), rtol=1e-6)
+
+
 # -- mixed precision: an overflow is the loss-scale optimizer's business ------------------
 
 
