@@ -17,9 +17,15 @@ with no check at all: a plain `keras.Model` whose `train_step` applies the
 gradients as Keras does ("tape"), and the same step with one barrier
 (`tf.tuple`) that makes every update wait for every gradient ("barrier").
 
+`--reductions` times, instead, ways to tell whether one gradient is finite,
+on a tensor the size of the MLP's 784x256 kernel gradient: each is a
+`tf.function`, called in turn, and its figure is the median call time minus
+that of a function that does nothing.
+
 Usage:
     python benchmarks/bench_numerics.py [--model mlp|deep|both] [--copies 4]
         [--calls 250] [--jit]
+    python benchmarks/bench_numerics.py --reductions [--calls 3000]
 """
 
 import argparse
@@ -139,13 +145,45 @@ def run(name, architecture, args):
     print(f"  barrier / plain Keras: {barrier / tape:.3f}")
 
 
+REDUCTIONS = {
+    "sum (what the check runs)": lambda t: tf.math.is_finite(tf.reduce_sum(t)),
+    "sum of x * 0 (its exact fallback)": lambda t: tf.math.is_finite(tf.reduce_sum(t * 0.0)),
+    "reduce_all(is_finite(x))": lambda t: tf.reduce_all(tf.math.is_finite(t)),
+    "max of |x|": lambda t: tf.math.is_finite(tf.reduce_max(tf.abs(t))),
+    "nothing": lambda t: tf.constant(True),
+}
+
+
+def reductions(calls):
+    t = tf.constant(np.random.default_rng(0).standard_normal((784, 256), dtype=np.float32))
+    functions = {name: tf.function(f) for name, f in REDUCTIONS.items()}
+    times = {name: [] for name in functions}
+    for f in functions.values():
+        for _ in range(20):
+            f(t)
+    for _ in range(calls):
+        for name, f in functions.items():
+            start = time.perf_counter()
+            f(t)
+            times[name].append(time.perf_counter() - start)
+    empty = statistics.median(times["nothing"])
+    print(f"is every element of a 784x256 float32 tensor finite? ({calls} calls each)")
+    for name in functions:
+        if name != "nothing":
+            print(f"  {name:<36} {(statistics.median(times[name]) - empty) * 1e6:7.1f} us")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="both", choices=["mlp", "deep", "both"])
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--calls", type=int, default=250)
     parser.add_argument("--jit", action="store_true")
+    parser.add_argument("--reductions", action="store_true")
     args = parser.parse_args()
+    if args.reductions:
+        reductions(args.calls if args.calls != parser.get_default("calls") else 3000)
+        return
     for name, architecture in (("mlp", mlp), ("deep", deep)):
         if args.model in (name, "both"):
             run(name, architecture, args)
