@@ -177,13 +177,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="both", choices=["mlp", "deep", "both"])
     parser.add_argument("--copies", type=int, default=4)
-    parser.add_argument("--calls", type=int, default=250)
+    parser.add_argument("--calls", type=int, default=None, help="default: 250, or 3000 with --reductions")
     parser.add_argument("--jit", action="store_true")
     parser.add_argument("--reductions", action="store_true")
     args = parser.parse_args()
     if args.reductions:
-        reductions(args.calls if args.calls != parser.get_default("calls") else 3000)
+        reductions(args.calls or 3000)
         return
+    args.calls = args.calls or 250
     for name, architecture in (("mlp", mlp), ("deep", deep)):
         if args.model in (name, "both"):
             run(name, architecture, args)
