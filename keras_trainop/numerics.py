@@ -162,9 +162,11 @@ def describe(what, variables):
 
 
 def all_finite(tensors):
-    """A scalar bool tensor: True when every element of every tensor is finite."""
-    flags = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors]
-    return flags[0] if len(flags) == 1 else tf.reduce_all(tf.stack(flags))
+    """A scalar bool tensor: True when every element of every tensor is finite.
+
+    The same grouped sums as the gradient check (`gradient_flags`), reduced.
+    """
+    return tf.reduce_all(gradient_flags(tensors)[0])
 
 
 _IN_PLACE = 1 << 16  # elements: a larger gradient is checked where it is, not copied
@@ -312,7 +314,7 @@ class FailureGuard:
                 policy checks gradients.
         """
         present = [i for i, g in enumerate(grads) if g is not None]
-        loss_ok, ok, checked = all_finite([loss]), None, None
+        loss_ok, ok, checked = tf.reduce_all(tf.math.is_finite(loss)), None, None
         if policy.check_gradients and present:
             flags, order = gradient_flags([gradient_values(grads[i]) for i in present])
             checked = (flags, [present[j] for j in order])
