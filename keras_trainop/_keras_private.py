@@ -7,6 +7,8 @@ of these, so that a silent change of behaviour cannot slip through.
 
 import tensorflow as tf
 
+from keras_trainop.optimizers import applying_optimizers
+
 
 def loss_tracker(model):
     """The `Mean` metric that Keras's own `train_step` feeds with the loss.
@@ -31,6 +33,28 @@ def compute_loss(model, x, y, y_pred, sample_weight):
     return model._compute_loss(
         x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
     )
+
+
+def is_functional_call(args, kwargs):
+    """Whether `Model(*args, **kwargs)` asks for a functional model (`Model(inputs, outputs)`).
+
+    Keras decides it with this private function; keras_trainop must decide it
+    the same way to give `kt.Model(inputs, outputs)` its functional class.
+    """
+    from keras.src.models.model import functional_init_arguments
+
+    return functional_init_arguments(args, kwargs)
+
+
+def functional_class():
+    """Keras's `Functional` model class, which `keras.Model(inputs, outputs)` returns.
+
+    Not exported by Keras; `kt.Model(inputs, outputs)` returns a subclass of it
+    (and of `kt.Model`) so that Keras never has to rewrite `kt.Model`'s bases.
+    """
+    from keras.src.models.functional import Functional
+
+    return Functional
 
 
 def function_watched_variables():
@@ -86,25 +110,28 @@ def apply_gradients_as_given(optimizer):
     after its own clipping, so that any transform before it would see only a
     replica's share. keras_trainop all-reduces once before its transforms and
     must then stop Keras from reducing a second time. There is no public
-    switch for it. The hook goes on the optimizer that really applies (a
-    LossScaleOptimizer's inner one) and stays: a LossScaleOptimizer applies in
-    new replica threads, where a per-call or thread-local flag would be unseen.
+    switch for it. The hook goes on every optimizer that applies
+    (`applying_optimizers`: a LossScaleOptimizer's inner one, each optimizer
+    of a MultiOptimizer) and stays: a LossScaleOptimizer applies in new
+    replica threads, where a per-call or thread-local flag would be unseen.
     """
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    if not callable(getattr(type(inner), "_all_reduce_sum_gradients", None)):
-        raise RuntimeError(
-            "keras_trainop: this Keras release has no `_all_reduce_sum_gradients` "
-            f"on {type(inner).__name__}; keras_trainop cannot stop the optimizer's "
-            "own all-reduce under a distribution strategy. Please report it."
-        )
-    if inner.__dict__.get("_all_reduce_sum_gradients") is not _as_given:
-        inner._all_reduce_sum_gradients = _as_given
+    for opt in applying_optimizers(optimizer):
+        if not callable(getattr(type(opt), "_all_reduce_sum_gradients", None)):
+            raise RuntimeError(
+                "keras_trainop: this Keras release has no `_all_reduce_sum_gradients` "
+                f"on {type(opt).__name__}; keras_trainop cannot stop the optimizer's "
+                "own all-reduce under a distribution strategy. Please report it."
+            )
+        if opt.__dict__.get("_all_reduce_sum_gradients") is not _as_given:
+            opt._all_reduce_sum_gradients = _as_given
 
 
 def applies_gradients_as_given(optimizer):
-    """Whether `apply_gradients_as_given(optimizer)` is in effect."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    return inner.__dict__.get("_all_reduce_sum_gradients") is _as_given
+    """Whether `apply_gradients_as_given(optimizer)` is in effect on every optimizer that applies."""
+    return all(
+        opt.__dict__.get("_all_reduce_sum_gradients") is _as_given
+        for opt in applying_optimizers(optimizer)
+    )
 
 
 def needs_merge_call():

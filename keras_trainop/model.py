@@ -321,8 +321,36 @@ class Model(TrainOpModel, keras.Model):
     """A `keras.Model` with keras_trainop's `compile()` options.
 
     Works subclassed (`class Net(kt.Model)`) and functional
-    (`kt.Model(inputs, outputs)`).
+    (`kt.Model(inputs, outputs)`), in any order. As `keras.Model(inputs,
+    outputs)` returns a Keras `Functional`, `kt.Model(inputs, outputs)`
+    returns a `keras_trainop.model.Functional`, a subclass of both `kt.Model`
+    and Keras's `Functional`.
     """
+
+    def __new__(cls, *args, **kwargs):
+        if private.is_functional_call(args, kwargs):
+            if cls is Model:
+                return super().__new__(Functional)
+            if not issubclass(cls, private.functional_class()):
+                # A subclass used functionally: Keras would put its Functional
+                # class into the bases all the way up, kt.Model's included,
+                # which would break every later `class Net(kt.Model)`.
+                _make_functional(cls)
+        return super().__new__(cls)
+
+
+def _make_functional(cls):
+    """Puts `Functional` in the place of `Model` among the bases of `cls` and its parents."""
+    if cls is Model:
+        return Functional
+    if issubclass(cls, Model):
+        cls.__bases__ = tuple(_make_functional(base) for base in cls.__bases__)
+    return cls
+
+
+@keras.saving.register_keras_serializable(package="keras_trainop")
+class Functional(Model, private.functional_class()):
+    """The class of `kt.Model(inputs, outputs)`: a functional `kt.Model`."""
 
 
 @keras.saving.register_keras_serializable(package="keras_trainop")

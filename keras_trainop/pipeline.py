@@ -37,6 +37,7 @@ from keras_trainop import gradients as gradients_lib
 from keras_trainop import numerics
 from keras_trainop import summaries
 from keras_trainop.accumulation import GradientAccumulator
+from keras_trainop.optimizers import is_loss_scale_optimizer, own_accumulation_steps
 from keras_trainop.options import USE_GLOBAL_STEP
 from keras_trainop.transforms.base import build_child, child_variables, map_values
 from keras_trainop.variables import select_variables
@@ -175,10 +176,6 @@ def _rescale(grads_and_vars, scale, finite):
     return [(map_values(back, g), v) for g, v in grads_and_vars]
 
 
-def is_loss_scale_optimizer(optimizer):
-    return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-
-
 class StepPipeline:
     """One training step with TF1's `create_train_op` options.
 
@@ -195,7 +192,7 @@ class StepPipeline:
                 f"Received: optimizer={optimizer!r}"
             )
         self.warned = set()
-        own = getattr(getattr(optimizer, "inner_optimizer", optimizer), "gradient_accumulation_steps", None)
+        own = own_accumulation_steps(optimizer)
         if own and options.accumulates:
             raise ValueError(
                 "Pass `gradient_accumulation_steps` to keras_trainop or to the "

@@ -131,11 +131,52 @@ def main():
     )
     results["accumulation_mixed_diff"] = max_abs_diff(ours, reference)
 
+    # Optimizers that wrap others: each applying optimizer must apply the
+    # all-reduced gradients as given (before the fix a MultiOptimizer's
+    # sub-optimizers reduced them again: every update twice as large).
+    results["wrapped"] = wrapped_optimizers(mirrored, one, x, y)
+
     # An unbuilt optimizer in a custom loop: a clear error, not TF's unfed placeholder.
     results["unbuilt_error"] = unbuilt(mirrored, x, y)
     # The functional API in a custom loop: strategy.run over a distributed dataset.
     results["functional_clip_diff"] = functional(mirrored, x, y)
     print(json.dumps(results))
+
+
+def multi(kind):
+    """A MultiOptimizer sending the hidden layer to Adam and the rest to SGD."""
+
+    def make():
+        adam, sgd_ = keras.optimizers.Adam(0.01), sgd()()
+        if kind == "map":
+            return keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(sgd_, {"hidden/.*": adam}))
+        # A selector function: the sub-optimizers are known only once it is built.
+        return keras.optimizers.MultiOptimizer(lambda v: adam if v.path.startswith("hidden") else sgd_)
+
+    return make
+
+
+WRAPPED = {
+    "multi_map": multi("map"),
+    "multi_selector": multi("selector"),
+    "loss_scale_multi": lambda: keras.optimizers.LossScaleOptimizer(multi("map")(), initial_scale=2.0**4),
+}
+
+
+def wrapped_optimizers(mirrored, one, x, y):
+    """Max weight difference, Mirrored against one device, per wrapper and transform."""
+    diffs = {}
+    for name, optimizer in WRAPPED.items():
+        # Oracle without transforms: plain Keras with the same optimizer on one device.
+        reference = fit(build(one, keras.Model, optimizer), x, y)
+        diffs[f"{name}-none"] = max_abs_diff(fit(build(mirrored, kt.Model, optimizer), x, y), reference)
+        # With a clip: kt on one device, where no all-reduce happens at all.
+        clip = dict(grad_transforms=[kt.transforms.clip_by_global_norm(CLIP)])
+        reference = fit(build(one, kt.Model, optimizer, **clip), x, y)
+        model = build(mirrored, kt.Model, optimizer, **clip)
+        diffs[f"{name}-clip"] = max_abs_diff(fit(model, x, y), reference)
+        diffs[f"{name}-as_given"] = kt._keras_private.applies_gradients_as_given(model.optimizer)
+    return diffs
 
 
 def functional(strategy, x, y):

@@ -114,6 +114,15 @@ def test_mixed_precision_under_mirrored(scale):
     assert scale["mixed_vs_float32_diff"] <= 1e-3
 
 
+@pytest.mark.parametrize("transforms", ["none", "clip"])
+@pytest.mark.parametrize("wrapper", ["multi_map", "multi_selector", "loss_scale_multi"])
+def test_optimizers_that_wrap_others_apply_once_under_mirrored(scale, wrapper, transforms):
+    # Oracle: one device (plain Keras without transforms; kt with the clip).
+    # Before the fix a MultiOptimizer's sub-optimizers all-reduced again: 2x updates.
+    assert scale["wrapped"][f"{wrapper}-{transforms}"] <= 1e-6
+    assert scale["wrapped"][f"{wrapper}-as_given"] is True
+
+
 def test_create_train_step_under_strategy_run(scale):
     assert scale["functional_clip_diff"] <= 1e-6
 

@@ -94,12 +94,23 @@ def test_needs_merge_call_is_true_in_a_mirrored_replica_only():
         assert private.needs_merge_call() is False  # cross-replica context
 
 
-@pytest.mark.parametrize("wrapped", [False, True])
-def test_apply_gradients_as_given_stops_the_optimizers_all_reduce(wrapped):
-    # Keras sums gradients over replicas in this method of the optimizer that
-    # applies (a LossScaleOptimizer's inner one); if it moves, this fails.
+WRAPPERS = {
+    "plain": lambda sgd: sgd,
+    "loss_scale": keras.optimizers.LossScaleOptimizer,
+    "multi": lambda sgd: keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(sgd)),
+    "loss_scale_multi": lambda sgd: keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(sgd))
+    ),
+}
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_apply_gradients_as_given_stops_the_optimizers_all_reduce(wrapper):
+    # Keras sums gradients over replicas in this method of each optimizer that
+    # applies (a LossScaleOptimizer's inner one, a MultiOptimizer's
+    # sub-optimizers); if it moves, this fails.
     sgd = keras.optimizers.SGD(1.0)
-    optimizer = keras.optimizers.LossScaleOptimizer(sgd) if wrapped else sgd
+    optimizer = WRAPPERS[wrapper](sgd)
     assert callable(type(sgd)._all_reduce_sum_gradients)
     assert not private.applies_gradients_as_given(optimizer)
     private.apply_gradients_as_given(optimizer)
@@ -110,6 +121,15 @@ def test_apply_gradients_as_given_stops_the_optimizers_all_reduce(wrapped):
     assert sgd._all_reduce_sum_gradients(pairs) == pairs
     # Only that optimizer: a fresh one still reduces as Keras does.
     assert not private.applies_gradients_as_given(keras.optimizers.SGD(1.0))
+
+
+def test_is_functional_call_and_functional_class_are_what_keras_model_uses():
+    inputs = keras.Input((2,))
+    outputs = keras.layers.Dense(1)(inputs)
+    assert private.is_functional_call((inputs, outputs), {})
+    assert private.is_functional_call((), {"inputs": inputs, "outputs": outputs})
+    assert not private.is_functional_call((), {"name": "net"})
+    assert type(keras.Model(inputs, outputs)) is private.functional_class()
 
 
 def test_default_summary_writer_is_the_writer_made_default(tmp_path):

@@ -108,6 +108,68 @@ class KtWithUnusedVariable(kt.TrainOpModel, WithUnusedVariable):
     pass
 
 
+# -- functional and subclassed, in any order ------------------------------------------
+#
+# Keras's Model.__init__ puts `Functional` into the bases of a class used
+# functionally, all the way up to keras.Model. Before the fix, the first
+# `kt.Model(inputs, outputs)` of a process rewrote kt.Model's own bases, and
+# every later `class Net(kt.Model)` failed to construct. Oracle: keras.Model,
+# which is not affected.
+
+
+def functional(cls):
+    inputs = keras.Input((4,))
+    return cls(inputs, keras.layers.Dense(1, name="out")(inputs))
+
+
+def subclass_of(base):
+    class Sub(base):
+        def __init__(self):
+            super().__init__()
+            self.out = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.out(x)
+
+    return Sub
+
+
+def saved_and_loaded(base, tmp_path):
+    model = functional(base)
+    model.compile("sgd", "mse")
+    model.save(tmp_path / "functional.keras")
+    return keras.saving.load_model(tmp_path / "functional.keras")
+
+
+def used_functionally_by_a_subclass(base, tmp_path):
+    class FunctionalSub(base):
+        pass
+
+    return functional(FunctionalSub)
+
+
+FIRST_USES = {
+    "functional": lambda base, tmp_path: functional(base),
+    "loaded": saved_and_loaded,
+    "subclass_used_functionally": used_functionally_by_a_subclass,
+}
+
+
+@pytest.mark.parametrize("first", sorted(FIRST_USES))
+@pytest.mark.parametrize("base", [keras.Model, kt.Model], ids=["keras", "kt"])
+def test_subclassing_works_after_functional_use(base, first, tmp_path):
+    x, y = regression_data()
+    bases = base.__bases__
+    first_model = FIRST_USES[first](base, tmp_path)
+    assert isinstance(first_model, base)
+    assert isinstance(first_model, type(functional(keras.Model)))  # Keras's Functional
+    subclassed_model = subclass_of(base)()
+    subclassed_model.compile("sgd", "mse")
+    subclassed_model.fit(x, y, batch_size=BATCH, verbose=0)
+    assert base.__bases__ == bases
+    assert isinstance(functional(base), base)  # and functional again
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_transform_grads_fn_gets_a_list_with_none_gradients(mode):
     x, y = regression_data()
