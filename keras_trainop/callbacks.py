@@ -121,12 +121,13 @@ class GradientTensorBoard(keras.callbacks.Callback):
                 steps_per_call=model.steps_per_execution,
             )
             if self.metrics:
-                if getattr(model, "grad_norm_tracker", None) is None:
-                    model.grad_norm_tracker, clipped = make_norm_trackers()
+                trackers = model.train_metrics
+                if trackers.grad_norm is None:
+                    trackers.grad_norm, clipped = make_norm_trackers()
                     if model.train_options.transforms:
-                        model.clipped_grad_norm_tracker = clipped
-                telemetry.norm_tracker = model.grad_norm_tracker
-                telemetry.clipped_norm_tracker = getattr(model, "clipped_grad_norm_tracker", None)
+                        trackers.clipped_grad_norm = clipped
+                telemetry.norm_tracker = trackers.grad_norm
+                telemetry.clipped_norm_tracker = trackers.clipped_grad_norm
             pipeline.telemetry = telemetry
             # Two traces of the step: the plain one, and one that records.
             model.make_train_function(force=True)

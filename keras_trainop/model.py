@@ -12,6 +12,7 @@ from keras_trainop import _keras_private as private
 from keras_trainop import serialization
 from keras_trainop.options import GATE_OP, USE_GLOBAL_STEP, TrainOptions
 from keras_trainop.pipeline import StepPipeline
+from keras_trainop.state import StepState
 from keras_trainop.variables import select_variables
 
 
@@ -141,37 +142,45 @@ class TrainOpModel:
                 # model will build them (see compile_from_config).
                 self.optimizer.build(selected)
             pipeline.build_transforms(selected)
+        pipeline.saved_state = StepState(pipeline.state_variables)
         self.train_options = options
         self.train_pipeline = pipeline
-        self._track_transform_state()
-        if options.numerics.skip and getattr(self, "skipped_steps_tracker", None) is None:
-            # A Keras metric of the model: reset each epoch, shown in the
-            # progress bar and History as `skipped_steps`.
-            self.skipped_steps_tracker = keras.metrics.Sum(name="skipped_steps")
+        self._track_step_state()
+        if getattr(self, "train_metrics", None) is None:
+            self.train_metrics = StepMetrics()
+        if options.numerics.skip and self.train_metrics.skipped_steps is None:
+            # Reset each epoch, shown in the progress bar and History.
+            self.train_metrics.skipped_steps = keras.metrics.Sum(name="skipped_steps")
 
-    def _track_transform_state(self):
-        """Keeps the transforms' state among the model's weights.
+    @property
+    def train_step_state(self):
+        """The step's own state (`keras_trainop.state.StepState`), None before `compile()`.
 
-        So it is saved in `.keras` files and checkpoints, loaded back (a loaded
-        model's compile() recreates it before the weights load), and put back
-        with the other non-trainable state when a step is blocked. One tracked
-        list, refilled in place: Keras untracks what leaves it.
+        Saved and loaded with the model, next to the optimizer's variables,
+        but not among `model.weights`: `.state_variables` lists the skip
+        policy's counters, the transforms' state, the gradient sums and a
+        `keras.Variable` global step.
+        """
+        pipeline = getattr(self, "train_pipeline", None)
+        return None if pipeline is None else pipeline.saved_state
+
+    def _track_step_state(self):
+        """Makes tf.train.Checkpoint(model=...) save and restore the step's state.
+
+        Keras's own files find it through `train_step_state`; a TensorFlow
+        checkpoint follows tracked attributes instead. A tf.Module holds the
+        variables (refilled when a model built by its first step has just
+        built its transforms): TensorFlow tracks it, Keras does not (it is
+        neither a layer nor a variable), so the model's weights stay its own.
         """
         state = self.train_pipeline.state_variables()
-        tracked = getattr(self, "grad_transform_variables", None)
-        if tracked is None:
-            if not state:
-                return
-            self.grad_transform_variables = []
-            tracked = self.grad_transform_variables
-        if [id(v) for v in tracked] != [id(v) for v in state]:
-            tracked.clear()
-            tracked.extend(state)
-            # A Keras TrackedList is not a TensorFlow trackable: a public
-            # tf.Module holds the same variables for tf.train.Checkpoint.
-            holder = _TransformState()
+        holder = getattr(self, "_checkpointed_step_state", None)
+        if holder is None and not state:
+            return
+        if holder is None or [id(v) for v in holder.state] != [id(v) for v in state]:
+            holder = _CheckpointedState()
             holder.state = list(state)
-            self._transform_checkpoint_state = holder
+            self._checkpointed_step_state = holder
 
     def _owner_name(self):
         return f"model {self.name!r}"
@@ -220,8 +229,8 @@ class TrainOpModel:
             state_variables=self.non_trainable_weights,
         )
         # A model built by its first step has just built its transforms too.
-        self._track_transform_state()
-        tracker = getattr(self, "skipped_steps_tracker", None)
+        self._track_step_state()
+        tracker = self.train_metrics.skipped_steps
         if tracker is not None and self.train_options.numerics.skip:
             # Every replica reports the same skip; the metric sums replicas.
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -256,16 +265,10 @@ class TrainOpModel:
 
     @property
     def metrics(self):
-        # The gradient-norm trackers of GradientTensorBoard(metrics=True) stay
-        # on the model between fits (their variables are part of its traces),
-        # but they are metrics only while such a callback records them.
-        metrics = super().metrics
-        pipeline = getattr(self, "train_pipeline", None)
-        telemetry = getattr(pipeline, "telemetry", None)
-        if telemetry is not None and telemetry.log_metrics:
-            return metrics
-        dormant = {id(getattr(self, n, None)) for n in ("grad_norm_tracker", "clipped_grad_norm_tracker")}
-        return [m for m in metrics if id(m) not in dormant]
+        extra = getattr(self, "train_metrics", None)
+        if extra is None:
+            return super().metrics
+        return super().metrics + extra.active(self.train_options, self.train_pipeline.telemetry)
 
     def test_step(self, data):
         logs = super().test_step(data)
@@ -358,5 +361,35 @@ class Sequential(TrainOpModel, keras.Sequential):
     """A `keras.Sequential` with keras_trainop's `compile()` options."""
 
 
-class _TransformState(tf.Module):
-    """The transforms' state variables, as tf.train.Checkpoint dependencies."""
+class StepMetrics:
+    """The metrics keras_trainop adds to a model's logs.
+
+    A plain object on the model: neither Keras nor TensorFlow tracks what it
+    holds, so a model built before `compile()` can take them (a built Keras
+    layer takes no new tracked state), and the model's `metrics` property
+    lists them only while they count something.
+
+    Attributes:
+        skipped_steps: `Sum` of the steps skipped by the skip policy.
+        grad_norm, clipped_grad_norm: `Mean`s of the global gradient norm
+            before and after the transforms, for `GradientTensorBoard(metrics=True)`.
+    """
+
+    def __init__(self):
+        self.skipped_steps = None
+        self.grad_norm = self.clipped_grad_norm = None
+
+    def active(self, options, telemetry):
+        """The metrics that count in a step with these options and this telemetry."""
+        metrics = []
+        if self.skipped_steps is not None and options.numerics.skip:
+            metrics.append(self.skipped_steps)
+        # The gradient-norm trackers stay between fits (their variables are
+        # part of the traces) but are metrics only while a callback records them.
+        if telemetry is not None and telemetry.log_metrics:
+            metrics += [m for m in (self.grad_norm, self.clipped_grad_norm) if m is not None]
+        return metrics
+
+
+class _CheckpointedState(tf.Module):
+    """The step's state variables, as tf.train.Checkpoint dependencies."""

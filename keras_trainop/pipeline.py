@@ -224,6 +224,8 @@ class StepPipeline:
         self.telemetry = None
         # The default tf.summary writer when the model's step was last traced.
         self.traced_summary_writer = None
+        # A model's `train_step_state`: how Keras's saving finds the state.
+        self.saved_state = None
 
     # -- variables --------------------------------------------------------
 

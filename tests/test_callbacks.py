@@ -311,3 +311,30 @@ def test_a_tensorboard_server_serves_the_gradient_histogram(tmp_path):
     # [wall_time, step, [[left, right, count], ...]] per record.
     assert [record[1] for record in data] == [2, 4]
     assert sum(bucket[2] for bucket in data[0][2]) == 8  # out/kernel: 8 x 1
+
+
+class BuiltNet(kt.Model):
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="tanh")
+        self.out = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def test_a_subclassed_model_built_before_compile_logs_grad_norm_and_skips(tmp_path):
+    # A built Keras layer takes no new tracked state: before the fix, compile(
+    # check_numerics="skip") and metrics=True failed on such a model.
+    x, y = regression_data()
+    bad_y = y.copy()
+    bad_y[1] = np.nan  # the first batch
+    model = BuiltNet()
+    model(x[:1])
+    model.compile(keras.optimizers.SGD(0.01), "mse", check_numerics="skip")
+    history = fit(model, x, bad_y, [kt.GradientTensorBoard(tmp_path, update_freq=1, metrics=True)])
+    assert history.history["skipped_steps"] == [1.0]
+    # Oracle: the logged mean equals the mean of the written step norms.
+    written = [v for _, v in values(read(str(tmp_path)), "global_norm/gradient_norm")]
+    assert len(written) == len(x) // BATCH - 1
+    np.testing.assert_allclose(history.history["grad_norm"], [np.mean(written)], rtol=1e-5)

@@ -141,7 +141,7 @@ def compiled_embedding_model(mode, transforms):
 
 
 def transform_state(model):
-    return [v.numpy() for v in model.grad_transform_variables]
+    return [v.numpy() for v in model.train_step_state.state_variables]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -152,7 +152,7 @@ def test_keras_file_round_trip_of_every_builtin_resumes_exactly(mode, tmp_path):
 
     first = compiled_embedding_model(mode, [every_builtin()])
     # Built model: the state exists before the first step is traced.
-    assert [v.path for v in first.grad_transform_variables] == [
+    assert [v.path for v in first.train_step_state.state_variables] == [
         "adaptive_max_norm_mean", "adaptive_max_norm_sq_mean", "noise_step", "noise_step"]
     fit(first, x, y)
     first.save(tmp_path / "m.keras")
@@ -300,7 +300,7 @@ def test_masked_and_partition_forward_the_state_of_their_children():
         T.masked(noise, "dense"),
         T.partition({"a": adaptive, "b": None}, labels={"b": "bias"}, default_label="a"),
     ])
-    assert [id(v) for v in model.grad_transform_variables] == [
+    assert [id(v) for v in model.train_step_state.state_variables] == [
         id(v) for v in noise.variables + adaptive.variables]
 
 
