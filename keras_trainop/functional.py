@@ -8,7 +8,6 @@
 All of them run the same `StepPipeline` as `TrainOpModel`.
 """
 
-import math
 import numbers
 
 import numpy as np
@@ -26,6 +25,8 @@ from keras_trainop.options import (
 from keras_trainop.pipeline import StepPipeline
 from keras_trainop.summaries import add_gradients_summaries  # noqa: F401 (public)
 from keras_trainop.summaries import variable_name
+from keras_trainop.transforms.clipping import ClipByNorm, check_norm_bound
+from keras_trainop.transforms.scaling import Multiply
 
 
 def _is_number(value):
@@ -269,19 +270,7 @@ def create_train_op(
         return tf.identity(total_loss)
 
 
-# -- TF1 helpers ------------------------------------------------------------
-
-
-def _check_max_norm(max_norm):
-    """A finite number > 0, or a tensor or variable (read at every step)."""
-    if tf.is_tensor(max_norm):  # also a tf.Variable or keras.Variable
-        return max_norm
-    if _is_number(max_norm) and math.isfinite(max_norm) and max_norm > 0:
-        return max_norm
-    raise ValueError(
-        "`max_norm` must be a finite number > 0 or a scalar tensor. "
-        f"Received: max_norm={max_norm!r}"
-    )
+# -- TF1 helpers: thin wrappers over the registered transforms ---------------
 
 
 def clip_gradient_norms(gradients_to_variables, max_norm):
@@ -289,6 +278,7 @@ def clip_gradient_norms(gradients_to_variables, max_norm):
 
     TF1 semantics: per tensor, not global. None gradients pass through;
     IndexedSlices keep their indices and are clipped on their `.values`.
+    The same as `kt.transforms.clip_by_norm(max_norm)(gradients_to_variables)`.
 
     Args:
         gradients_to_variables: a list of `(gradient, variable)` pairs.
@@ -298,44 +288,25 @@ def clip_gradient_norms(gradients_to_variables, max_norm):
     Returns:
         A new list of `(clipped_gradient, variable)` pairs.
     """
-    _check_max_norm(max_norm)
-    clipped = []
-    for grad, var in gradients_to_variables:
-        if grad is not None:
-            if isinstance(grad, tf.IndexedSlices):
-                grad = tf.IndexedSlices(
-                    tf.clip_by_norm(grad.values, max_norm), grad.indices, grad.dense_shape
-                )
-            else:
-                grad = tf.clip_by_norm(grad, max_norm)
-        clipped.append((grad, var))
-    return clipped
+    return clip_gradient_norms_fn(max_norm)(list(gradients_to_variables))
 
 
 def clip_gradient_norms_fn(max_norm):
-    """Returns a `transform_grads_fn` that calls `clip_gradient_norms`."""
-    _check_max_norm(max_norm)
+    """TF1's `transform_grads_fn` factory: returns `kt.transforms.ClipByNorm(max_norm)`.
 
-    def clip_norms(gradients_to_variables):
-        return clip_gradient_norms(gradients_to_variables, max_norm)
-
-    return clip_norms
-
-
-def _multiplier_for(var, gradient_multipliers):
-    ref = var.ref() if hasattr(var, "ref") else None
-    for key in (ref, getattr(var, "path", None), variable_name(var)):
-        if key is not None and key in gradient_multipliers:
-            return key
-    return None
+    A registered transform, so a model compiled with it saves and loads it.
+    """
+    return ClipByNorm(check_norm_bound("max_norm", max_norm))
 
 
 def multiply_gradients(grads_and_vars, gradient_multipliers):
     """Multiplies chosen gradients by constants or tensors, as TF1's slim did.
 
     Keras 3 and TF2 variables are unhashable, so TF1's dict keyed by variable
-    cannot be built: key the dict by `variable.ref()`, by `variable.path`, or
-    (for a plain `tf.Variable`) by its name without `:0`.
+    cannot be built: key the dict by `variable.ref()`, by `variable.path` (for
+    a plain `tf.Variable`, its name without `:0`), or by a regular
+    expression searched in that path. The rules are those of
+    `kt.transforms.multiply` (which this applies).
 
     Args:
         grads_and_vars: a list of `(gradient, variable)` pairs.
@@ -366,46 +337,17 @@ def multiply_gradients(grads_and_vars, gradient_multipliers):
             "`gradient_multipliers` must be a dict. "
             f"Received: gradient_multipliers={gradient_multipliers!r}"
         )
-    for key, value in gradient_multipliers.items():
-        if not (isinstance(key, str) or hasattr(key, "deref")):
-            raise ValueError(
-                "Each key of `gradient_multipliers` must be a `variable.ref()`, a "
-                "`variable.path` or a tf.Variable's name without ':0'. "
-                f"Found {key!r}. Received: gradient_multipliers={gradient_multipliers!r}"
-            )
-        if not _is_number_or_tensor(value):  # a number, an array, a tensor or a variable
-            raise ValueError(
-                "Each value of `gradient_multipliers` must be a number or a scalar "
-                f"tensor or variable. Found {value!r} for key {key!r}. "
-                f"Received: gradient_multipliers={gradient_multipliers!r}"
-            )
-    keys = [_multiplier_for(var, gradient_multipliers) for _, var in grads_and_vars]
-    if grads_and_vars and all(key is None for key in keys):
+    transform = Multiply.from_tf1(gradient_multipliers)
+    if grads_and_vars and all(transform.multiplier_for(var) is None for _, var in grads_and_vars):
         # TF1 let keys that name nothing pass; when none names anything, the
         # call does nothing, which is never what was meant (a TF1 op name, a
         # name with ':0', a Keras variable keyed by `.name` instead of `.path`).
         raise ValueError(
             "No key of `gradient_multipliers` names a variable of "
-            "`grads_and_vars` (keys match `variable.ref()`, `variable.path`, or "
-            "a tf.Variable's name without ':0'). Variables: "
+            "`grads_and_vars` (keys match `variable.ref()`, `variable.path`, a "
+            "tf.Variable's name without ':0', or are regular expressions searched "
+            "in it). Variables: "
             f"{[variable_name(v) for _, v in grads_and_vars]}. "
             f"Received: gradient_multipliers={gradient_multipliers!r}"
         )
-    multiplied = []
-    for (grad, var), key in zip(grads_and_vars, keys):
-        if key is not None:
-            if grad is None:
-                raise ValueError(
-                    "Requested multiple of `None` gradient for variable "
-                    f"{variable_name(var)!r}. "
-                    f"Received: gradient_multipliers={gradient_multipliers!r}"
-                )
-            multiplier = tf.cast(gradient_multipliers[key], grad.dtype)
-            if isinstance(grad, tf.IndexedSlices):
-                grad = tf.IndexedSlices(
-                    grad.values * multiplier, grad.indices, grad.dense_shape
-                )
-            else:
-                grad = grad * multiplier
-        multiplied.append((grad, var))
-    return multiplied
+    return transform(grads_and_vars)

@@ -700,6 +700,53 @@ def test_multiply_gradients_errors(make_args, match):
         kt.multiply_gradients(*make_args(v))
 
 
+# The TF1 helpers are thin wrappers over the registered transforms: one
+# implementation per feature (before, each had its own, with its own float16
+# handling and key rules, and `clip_gradient_norms_fn` returned an unsaveable closure).
+
+
+def test_clip_gradient_norms_of_float16_gradients_sums_in_float32():
+    # |g|^2 = 250,000 overflows float16 (max 65,504): summed in float16 the norm
+    # is inf and the clipped gradient 0. Oracle: NumPy in float64.
+    v = tf.Variable(np.zeros(2, "float16"))
+    g = tf.constant([300.0, 400.0], tf.float16)
+    (clipped, _), = kt.clip_gradient_norms([(g, v)], 1.0)
+    assert clipped.dtype == tf.float16
+    np.testing.assert_allclose(clipped.numpy().astype("float64"), [0.6, 0.8], rtol=1e-3)
+    (transformed, _), = kt.transforms.clip_by_norm(1.0)([(g, v)])
+    np.testing.assert_array_equal(clipped.numpy(), transformed.numpy())
+
+
+def test_clip_gradient_norms_fn_is_the_registered_transform_and_is_saved(tmp_path):
+    transform = kt.clip_gradient_norms_fn(0.5)
+    assert type(transform) is kt.transforms.ClipByNorm and transform.clip_norm == 0.5
+    model = kt.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse", grad_transforms=[transform])
+    model.save(tmp_path / "m.keras")  # no warning: warnings are errors here
+    (loaded,) = keras.saving.load_model(tmp_path / "m.keras").train_options.transforms
+    assert type(loaded) is kt.transforms.ClipByNorm and loaded.clip_norm == 0.5
+
+
+def test_clip_gradient_norms_takes_a_tensor_bound():
+    v = tf.Variable(np.zeros(2, "float32"))
+    bound = tf.Variable(2.0)
+    (clipped, _), = kt.clip_gradient_norms([(tf.constant([3.0, 4.0]), v)], bound)
+    np.testing.assert_allclose(clipped.numpy(), [1.2, 1.6], **TOL)
+
+
+def test_multiply_gradients_follows_the_key_rules_of_the_multiply_transform():
+    with keras.name_scope("blk"):
+        kernel, bias = keras.Variable([1.0, 1.0], name="kernel"), keras.Variable([1.0], name="bias")
+    pairs = [(tf.constant([1.0, 2.0]), kernel), (tf.constant([3.0]), bias)]
+    # A regular expression searched in the path, as in kt.transforms.multiply.
+    out = kt.multiply_gradients(pairs, {r"kernel$": 2.0, "blk/bias": np.float32(0.5)})
+    expected = kt.transforms.multiply({r"kernel$": 2.0, "blk/bias": 0.5})(pairs)
+    for (g, _), (e, _) in zip(out, expected):
+        np.testing.assert_array_equal(g.numpy(), e.numpy())
+    np.testing.assert_allclose(out[0][0].numpy(), [2.0, 4.0])
+    np.testing.assert_allclose(out[1][0].numpy(), [1.5])
+
+
 def test_add_gradients_summaries_writes_tf1_tags(tmp_path):
     with keras.name_scope("blk"):
         kv = keras.Variable(np.zeros((2, 2), "float32"), name="kw")

@@ -458,7 +458,7 @@ def test_a_combinator_refuses_a_child_that_returns_a_foreign_variable(combinator
         (lambda: T.clip_by_value(0.0), "`clip_value` must be a finite number > 0. Received: clip_value=0.0"),
         (lambda: T.clip_by_value(1.0, -1.0), "`clip_value_min` must be < `clip_value_max`"),
         (lambda: T.clip_by_value("1", 2.0), "`clip_value_min` must be a finite number. Received"),
-        (lambda: T.clip_by_norm(-1.0), "`clip_norm` must be a finite number > 0. Received: clip_norm=-1.0"),
+        (lambda: T.clip_by_norm(-1.0), "`clip_norm` must be a finite number > 0 or a scalar tensor. Received: clip_norm=-1.0"),
         (lambda: T.clip_by_global_norm(float("inf")), "`clip_norm` must be a finite number > 0"),
         (lambda: T.clip_by_global_norm(True), "`clip_norm` must be a finite number > 0"),
         (lambda: T.multiply({}), "`multipliers` must be a non-empty dict"),

@@ -6,7 +6,10 @@ the dense gradient), as in Keras's `clipvalue` / `clipnorm` /
 `global_clipnorm`, `tf.clip_by_norm`, `tf.clip_by_global_norm` and TF1.
 """
 
+import math
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_trainop.transforms.base import (
@@ -16,8 +19,10 @@ from keras_trainop.transforms.base import (
     check_number,
     compute_dtype,
     global_norm,
+    is_real,
     map_values,
     scale,
+    warn_unsaved,
 )
 
 
@@ -63,6 +68,22 @@ def _clip_tensor_by_norm(t, clip_norm):
     return tf.cast(x * clip_norm / tf.maximum(l2norm, clip_norm), t.dtype)
 
 
+def check_norm_bound(name, value):
+    """A finite number > 0 (returned as a float), or a scalar tensor or variable (read at every step)."""
+    if tf.is_tensor(value) or isinstance(value, (tf.Variable, keras.Variable)):
+        if tuple(value.shape) != ():
+            raise ValueError(
+                f"`{name}` must be a finite number > 0 or a scalar tensor. Received: "
+                f"{name}={value!r} of shape {tuple(value.shape)}"
+            )
+        return value
+    if not (is_real(value) and math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"`{name}` must be a finite number > 0 or a scalar tensor. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class ClipByNorm(GradientTransform):
     """Rescales each gradient on its own so that its L2 norm is at most `clip_norm`.
@@ -71,12 +92,14 @@ class ClipByNorm(GradientTransform):
     `g * clip_norm / max(||g||, clip_norm)`.
 
     Args:
-        clip_norm: the largest norm allowed for each gradient, > 0.
+        clip_norm: the largest norm allowed for each gradient: a number > 0,
+            or a scalar tensor or variable, read at every step (saved as its
+            current value, with a warning).
     """
 
     def __init__(self, clip_norm):
         super().__init__()
-        self.clip_norm = check_number("clip_norm", clip_norm, low=0)
+        self.clip_norm = check_norm_bound("clip_norm", clip_norm)
 
     def call(self, grads_and_vars):
         return [
@@ -85,7 +108,14 @@ class ClipByNorm(GradientTransform):
         ]
 
     def get_config(self):
-        return {"clip_norm": self.clip_norm}
+        clip_norm = self.clip_norm
+        if not is_real(clip_norm):
+            clip_norm = float(np.asarray(tf.convert_to_tensor(clip_norm)))
+            warn_unsaved(
+                "`clip_by_norm`'s clip_norm is a tensor or variable; it is saved as its "
+                f"current value {clip_norm!r}. After loading, set it again if something changes it."
+            )
+        return {"clip_norm": clip_norm}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

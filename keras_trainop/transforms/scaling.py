@@ -61,38 +61,22 @@ class Multiply(GradientTransform):
 
     def __init__(self, multipliers):
         super().__init__()
-        pairs = list(multipliers.items()) if isinstance(multipliers, dict) else multipliers
-        if not isinstance(pairs, (list, tuple)) or not pairs or not all(
-            isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs
-        ):
-            raise ValueError(
-                "`multipliers` must be a non-empty dict {key: multiplier} or list "
-                "of (key, multiplier) pairs. "
-                f"Received: multipliers={multipliers!r}"
-            )
-        for key, value in pairs:
-            self._check_key(key, multipliers)
-            if not (is_real(value) or _is_variable(value) or tf.is_tensor(value)):
-                raise ValueError(
-                    "Each multiplier must be a number, a scalar tensor or a scalar "
-                    f"variable. Received: multipliers={multipliers!r}"
-                )
-            if not is_real(value) and tuple(value.shape) != ():
-                raise ValueError(
-                    "Each multiplier must be a scalar; the multiplier for "
-                    f"{key!r} has shape {tuple(value.shape)}. "
-                    f"Received: multipliers={multipliers!r}"
-                )
-        self.multipliers = [(k, float(v) if is_real(v) else v) for k, v in pairs]
+        self._set(multipliers, "multipliers")
 
-    @staticmethod
-    def _check_key(key, multipliers):
-        if is_pattern(key) or (not isinstance(key, str) and _is_variable(_target(key))):
-            return
-        raise ValueError(
-            "Each key of `multipliers` must be a variable, a `variable.ref()`, a "
-            f"`variable.path` or a regular expression. Received: multipliers={multipliers!r}"
-        )
+    @classmethod
+    def from_tf1(cls, gradient_multipliers):
+        """The transform TF1's `multiply_gradients(pairs, gradient_multipliers)` applies.
+
+        The same rules; errors name `gradient_multipliers`, as TF1's did.
+        """
+        transform = cls.__new__(cls)
+        GradientTransform.__init__(transform)
+        transform._set(gradient_multipliers, "gradient_multipliers")
+        return transform
+
+    def _set(self, multipliers, argument):
+        self.multipliers = _checked_multipliers(multipliers, argument)
+        self._argument, self._given = argument, multipliers  # for error messages
 
     def multiplier_for(self, variable):
         """The multiplier that applies to `variable`, or None."""
@@ -125,7 +109,8 @@ class Multiply(GradientTransform):
                 if grad is None:
                     raise ValueError(
                         "Requested multiple of `None` gradient for variable "
-                        f"{variable_name(var)!r}."
+                        f"{variable_name(var)!r}. Received: {self._argument}="
+                        f"{self._given!r}"
                     )
                 if not is_real(multiplier):  # a number stays a float: exact in float64
                     multiplier = tf.convert_to_tensor(multiplier)
@@ -158,6 +143,40 @@ class Multiply(GradientTransform):
 
     def _repr_config(self):
         return {"multipliers": self.multipliers}
+
+
+def _checked_multipliers(multipliers, argument):
+    """The `(key, value)` pairs of `multipliers`, validated; errors name `argument`."""
+    received = f"Received: {argument}={multipliers!r}"
+    pairs = list(multipliers.items()) if isinstance(multipliers, dict) else multipliers
+    if not isinstance(pairs, (list, tuple)) or not pairs or not all(
+        isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs
+    ):
+        raise ValueError(
+            f"`{argument}` must be a non-empty dict {{key: multiplier}} or list of "
+            f"(key, multiplier) pairs. {received}"
+        )
+    checked = []
+    for key, value in pairs:
+        if not (is_pattern(key) or (not isinstance(key, str) and _is_variable(_target(key)))):
+            raise ValueError(
+                f"Each key of `{argument}` must be a variable, a `variable.ref()`, a "
+                f"`variable.path` or a regular expression. Found {key!r}. {received}"
+            )
+        if isinstance(value, np.ndarray) and value.shape == ():
+            value = value.item()
+        if not (is_real(value) or _is_variable(value) or tf.is_tensor(value)):
+            raise ValueError(
+                "Each multiplier must be a number, a scalar tensor or a scalar variable "
+                f"(the values of `{argument}`). Found {value!r} for key {key!r}. {received}"
+            )
+        if not is_real(value) and tuple(value.shape) != ():
+            raise ValueError(
+                f"Each multiplier must be a scalar (the values of `{argument}`); the one "
+                f"for {key!r} has shape {tuple(value.shape)}. {received}"
+            )
+        checked.append((key, float(value) if is_real(value) else value))
+    return checked
 
 
 def multiply(multipliers):
