@@ -230,13 +230,21 @@ def _install(owner, name, make):
     setattr(owner, name, patched)
 
 
+def tensorflow_trainer_class():
+    """The TensorFlow backend's trainer class: `TensorFlowTrainer`, renamed `Trainer` in Keras 3.16."""
+    from keras.src.backend.tensorflow import trainer
+
+    return getattr(trainer, "TensorFlowTrainer", None) or trainer.Trainer
+
+
 def patch_fit_for_multi_worker():
     """Makes Keras's `fit` work under a multi-worker MultiWorkerMirroredStrategy.
 
     Keras 3.15.1 fails there in two places of
     `keras/src/backend/tensorflow/trainer.py`, which no public API reaches:
 
-    1. `TensorFlowTrainer._maybe_symbolic_build` builds the model from
+    1. `TensorFlowTrainer._maybe_symbolic_build` (the class is `Trainer` in
+       Keras 3.16) builds the model from
        `strategy.reduce("MEAN", batch, axis=None)` of the nested per-replica
        batch, which `CollectiveAllReduceExtended._reduce_to` cannot take
        ("Attempt to convert a value (PerReplica:...) ... to a Tensor"). The
@@ -252,7 +260,7 @@ def patch_fit_for_multi_worker():
     """
     from keras.src.backend.tensorflow import trainer
 
-    _install(trainer.TensorFlowTrainer, "_maybe_symbolic_build", _symbolic_build_from_a_local_batch)
+    _install(tensorflow_trainer_class(), "_maybe_symbolic_build", _symbolic_build_from_a_local_batch)
     _install(trainer, "reduce_per_replica", _reduce_per_replica_for_scalars)
 
 

@@ -30,7 +30,7 @@ from keras_trainop import _keras_private as private  # noqa: E402
 GLOBAL_BATCH = 16
 EPOCHS = 2
 CLIP = 0.5  # the gradients' global norm is above it on most steps
-PATCHED = [(trainer.TensorFlowTrainer, "_maybe_symbolic_build"), (trainer, "reduce_per_replica")]
+PATCHED = [(private.tensorflow_trainer_class(), "_maybe_symbolic_build"), (trainer, "reduce_per_replica")]
 
 
 def optimizer(**kwargs):
