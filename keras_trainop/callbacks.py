@@ -5,7 +5,7 @@ import os
 import keras
 import tensorflow as tf
 
-from keras_trainop.telemetry import GradientTelemetry, make_norm_trackers
+from keras_trainop.telemetry import Reader
 
 
 class GradientTensorBoard(keras.callbacks.Callback):
@@ -28,9 +28,10 @@ class GradientTensorBoard(keras.callbacks.Callback):
     XLA-compatible ops inside the step and written by the host after it), and
     with `steps_per_execution > 1`.
 
-    Steps that do not record run the model's plain train function: the callback
-    switches to a second, recording train function only for the calls that
-    reach a multiple of `update_freq`.
+    Steps that do not record run the model's plain train function: the model
+    switches to a second, recording one only for the calls that reach a
+    multiple of `update_freq`. The writer is opened at the first record and
+    closed when `fit` ends (or raises).
 
     Args:
         log_dir: the directory (created if missing, not an existing file);
@@ -82,7 +83,7 @@ class GradientTensorBoard(keras.callbacks.Callback):
         self.norms = norms
         self.metrics = metrics
         self._writer = None
-        self._telemetry = None
+        self._name = None  # the name of its reader while attached
 
     def set_model(self, model):
         if not hasattr(model, "train_pipeline"):
@@ -95,111 +96,50 @@ class GradientTensorBoard(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         model = self.model
-        self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
-        pipeline = model.train_pipeline
-        key = (
+        recorder = model.train_pipeline.recorder
+        reader = Reader(
             self.update_freq,
-            self.histograms,
-            self.norms,
-            self.metrics,
-            model.steps_per_execution,
-            model.summary_writer_to_trace(),
+            self._lazy_writer,
+            histograms=self.histograms,
+            norms=self.norms,
+            global_norms=self.norms,
+            skipped=model.train_options.numerics.skip,
+            on_error=self._detach,
         )
-        # The two traces depend on the configuration, not on this callback's
-        # writer (the host writes): later fits reuse them instead of tracing
-        # again. (With summarize_gradients, the user's writer is traced in.)
-        cache = pipeline.__dict__.setdefault("telemetry_functions", {})
-        if key in cache:
-            telemetry, plain, recording = cache[key]
-            pipeline.telemetry = telemetry
-        else:
-            telemetry = GradientTelemetry(
-                self.update_freq,
-                histograms=self.histograms,
-                norms=self.norms,
-                log_metrics=self.metrics,
-                steps_per_call=model.steps_per_execution,
-            )
-            if self.metrics:
-                trackers = model.train_metrics
-                if trackers.grad_norm is None:
-                    trackers.grad_norm, clipped = make_norm_trackers()
-                    if model.train_options.transforms:
-                        trackers.clipped_grad_norm = clipped
-                telemetry.norm_tracker = trackers.grad_norm
-                telemetry.clipped_norm_tracker = trackers.clipped_grad_norm
-            pipeline.telemetry = telemetry
-            # Two traces of the step: the plain one, and one that records.
-            model.make_train_function(force=True)
-            plain = model.train_function
-            model.make_train_function(force=True)
-            recording = model.train_function
-            cache[key] = (telemetry, plain, recording)
-        self._telemetry = telemetry
-        self._plain = plain
-        self._known = int(model.optimizer.iterations.numpy())
-        telemetry.last_written = self._known
-        self._calls = 0
-        model.train_function = self._switch(plain, recording)
+        reader.last_written = int(model.optimizer.iterations.numpy())
+        # Named by position: a later fit with the same callbacks gets the same
+        # names, and the model reuses the traces it made for them.
+        taken = [n for n in recorder.readers if n.startswith("GradientTensorBoard")]
+        self._name = f"GradientTensorBoard#{len(taken)}"
+        recorder.attach(self._name, reader)
+        if self.metrics:
+            trackers = model.train_metrics
+            if trackers.grad_norm is None:
+                trackers.grad_norm = keras.metrics.Mean(name="grad_norm")
+                if model.train_options.transforms:
+                    trackers.clipped_grad_norm = keras.metrics.Mean(name="clipped_grad_norm")
+            recorder.log_metrics = True
+            recorder.norm_tracker = trackers.grad_norm
+            recorder.clipped_norm_tracker = trackers.clipped_grad_norm
+        model.make_train_function()
 
-    def _switch(self, plain, recording):
-        model, telemetry, freq = self.model, self._telemetry, self.update_freq
-        # The skip policy's count, read on the host after a recording call.
-        skip = model.train_options.numerics.skip
-        skipped = model.train_pipeline.guard.skipped_total if skip else None
-
-        def train_function(iterator):
-            per_call = model.steps_per_execution
-            # Python counts calls; `iterations` is read on the host only when a
-            # multiple of update_freq may be reached (skipped steps make the
-            # count an upper bound).
-            target = (max(self._known, telemetry.last_written) // freq + 1) * freq
-            due = False
-            if self._known + per_call * (self._calls + 1) >= target:
-                self._known, self._calls = int(model.optimizer.iterations.numpy()), 0
-                due = self._known + per_call >= target
-            if not due:
-                self._calls += 1
-                return plain(iterator)
-            telemetry.activate(True)
-            try:
-                logs = recording(iterator)
-            finally:
-                telemetry.activate(False)
-            telemetry.flush(self._writer, None if skipped is None else int(skipped.numpy()))
-            self._known, self._calls = int(model.optimizer.iterations.numpy()), 0
-            return logs
-
-        def detaching_on_error(iterator):
-            try:
-                return train_function(iterator)
-            except (StopIteration, tf.errors.OutOfRangeError):
-                raise  # the end of the data: fit goes on
-            except BaseException:
-                # fit() does not call on_train_end when a step raises (a
-                # NonFiniteError, an interrupt): detach now, so that a later
-                # fit does not write into this log directory.
-                self._detach()
-                raise
-
-        return detaching_on_error
+    def _lazy_writer(self):
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
+        return self._writer
 
     def on_train_end(self, logs=None):
         self._detach()
 
     def _detach(self):
-        """Gives the model back its own train function and closes the writer."""
-        model = self.model
-        if self._telemetry is not None:
-            model.train_pipeline.telemetry = None
-            if self._telemetry.log_metrics:
-                # The plain trace updates the norm metrics: a later fit
-                # without this callback gets a fresh trace.
-                model.make_train_function(force=True)
-            else:
-                # The plain trace is the model's own step.
-                model.train_function = self._plain
-            self._telemetry = None
+        """Gives the model back its train function without this callback, and closes the writer."""
+        if self._name is not None:
+            recorder = self.model.train_pipeline.recorder
+            recorder.detach(self._name)
+            if self.metrics:
+                recorder.log_metrics = False
+            self._name = None
+            self.model.make_train_function()
         if self._writer is not None:
             self._writer.close()
             self._writer = None

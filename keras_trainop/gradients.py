@@ -1,9 +1,11 @@
-"""Gradients: `GradientTape`, or `tf.gradients` where TF1's options must act.
+"""Gradients: `GradientTape`, or TF1's `gradients` where TF1's options must act.
 
-`tf.GradientTape.gradient` has no `aggregation_method` and no gating, so those
-options go through `tf.gradients`, which only exists in graph mode (inside a
-`tf.function`, XLA included). Both give the same values; the tape is the
-fallback when eager, with a warning that the options cannot act there.
+`tf.GradientTape.gradient` has no `aggregation_method`, no gating and no
+colocation, so those options go through `tf.compat.v1.gradients` (TF1's own,
+which TF2's `tf.gradients` wraps without `colocate_gradients_with_ops`). It
+only exists in graph mode (inside a `tf.function`, XLA included). Both give
+the same values; the tape is the fallback when eager, with a warning that the
+options cannot act there.
 """
 
 import warnings
@@ -47,22 +49,24 @@ def compute_gradients(tape, loss, variables, options, warned):
         warn_once(
             warned,
             "eager-gradients",
-            "keras_trainop: `aggregation_method` and `gate_gradients` cannot act "
-            "when the step runs eagerly (run_eagerly=True or outside a "
-            "tf.function): they exist only in `tf.gradients`, which needs a graph. "
-            "Gradients come from tf.GradientTape instead; their values are the same.",
+            "keras_trainop: `aggregation_method`, `gate_gradients` and "
+            "`colocate_gradients_with_ops` cannot act when the step runs eagerly "
+            "(run_eagerly=True or outside a tf.function): they exist only in "
+            "`tf.gradients`, which needs a graph. Gradients come from "
+            "tf.GradientTape instead; their values are the same.",
         )
         return list(tape.gradient(loss, variables))
     return tf_gradients(loss, variables, options)
 
 
 def tf_gradients(loss, variables, options):
-    """`tf.gradients` with TF1's `gate_gradients` and `aggregation_method` (graph only)."""
-    grads = tf.gradients(
+    """TF1's `gradients` with `gate_gradients`, `aggregation_method` and colocation (graph only)."""
+    grads = tf.compat.v1.gradients(
         loss,
         gradient_sources(variables),
         gate_gradients=options.gate_gradients == GATE_OP,
         aggregation_method=options.aggregation_method,
+        colocate_gradients_with_ops=options.colocate_gradients_with_ops,
     )
     if options.gate_gradients == GATE_GRAPH:
         # TF1's GATE_GRAPH: no gradient is used before all are computed.

@@ -9,10 +9,11 @@ import keras
 import tensorflow as tf
 
 from keras_trainop import _keras_private as private
-from keras_trainop import serialization
+from keras_trainop import host, serialization
 from keras_trainop.options import GATE_OP, USE_GLOBAL_STEP, TrainOptions
 from keras_trainop.pipeline import StepPipeline
 from keras_trainop.state import StepState
+from keras_trainop.telemetry import SUMMARIES, Reader
 from keras_trainop.variables import select_variables
 
 
@@ -78,8 +79,10 @@ class TrainOpModel:
                 `kt.GATE_GRAPH`, as in TF1. `GATE_OP`'s guarantee holds by
                 construction in a TF2 graph; the other two go through
                 `tf.gradients` in graph and XLA mode.
-            colocate_gradients_with_ops: accepted so that TF1 code runs; it has
-                no effect in TF2, where placement is automatic.
+            colocate_gradients_with_ops: if True, each gradient op is placed
+                with the forward op it differentiates, as in TF1 (graph and
+                XLA mode, through `tf.compat.v1.gradients`); under
+                `run_eagerly=True` it cannot act, and a warning says so once.
             check_numerics: True (default) or "loss": a step whose loss is inf
                 or nan changes no variable and raises `kt.NonFiniteError`, in
                 eager, graph and XLA mode. "all": the loss and every gradient
@@ -96,8 +99,9 @@ class TrainOpModel:
                 searched in `variable.path`. Unselected variables do not
                 change, optimizer slots included.
             summarize_gradients: if True, write a histogram and a norm scalar
-                per gradient through `tf.summary` when a default writer is
-                active.
+                per gradient at every update to the default `tf.summary` writer
+                active during `fit`, in every mode (the step records them, the
+                host writes them after each call).
             global_step: `kt.USE_GLOBAL_STEP` (the optimizer's `iterations`),
                 None, or a scalar variable incremented by 1 per applied update.
             gradient_accumulation_steps: None, or an int k >= 1: the
@@ -143,6 +147,12 @@ class TrainOpModel:
                 self.optimizer.build(selected)
             pipeline.build_transforms(selected)
         pipeline.saved_state = StepState(pipeline.state_variables)
+        if options.summarize_gradients:
+            # Written by the host after each call, in every mode, XLA included.
+            pipeline.recorder.attach(SUMMARIES, Reader(
+                1, private.default_summary_writer, always=True, at_global_step=True,
+                wanted=lambda: private.default_summary_writer() is not None,
+            ))
         self.train_options = options
         self.train_pipeline = pipeline
         self._track_step_state()
@@ -268,7 +278,7 @@ class TrainOpModel:
         extra = getattr(self, "train_metrics", None)
         if extra is None:
             return super().metrics
-        return super().metrics + extra.active(self.train_options, self.train_pipeline.telemetry)
+        return super().metrics + extra.active(self.train_options, self.train_pipeline.recorder)
 
     def test_step(self, data):
         logs = super().test_step(data)
@@ -277,29 +287,22 @@ class TrainOpModel:
             logs.pop(name, None)
         return logs
 
-    def summary_writer_to_trace(self):
-        """The writer a trace made now would capture (None without summarize_gradients)."""
-        if not self.train_options.summarize_gradients:
-            return None
-        return private.default_summary_writer()
-
     def make_train_function(self, force=False):
-        writer = self.summary_writer_to_trace()
-        if (
-            self.train_function is not None
-            and not force
-            and writer is self.train_pipeline.traced_summary_writer
-        ):
+        """Keras's train function, run by keras_trainop's host (`keras_trainop.host`).
+
+        One trace per configuration of the gradient readers (and a plain one
+        next to a periodic reader's), cached: a later `fit` with the same
+        callbacks traces nothing again; `force=True` traces anew.
+        """
+        pipeline = self.train_pipeline
+        if force:
+            pipeline.hosted_functions.clear()
+
+        def keras_trace():
+            super(TrainOpModel, self).make_train_function(force=True)
             return self.train_function
-        # summarize_gradients writes through the default writer captured when
-        # the step is traced: a fit under another writer needs a new trace.
-        self.train_pipeline.traced_summary_writer = writer
-        super().make_train_function(force=True)
-        guard = self.train_pipeline.guard
-        if guard is not None:
-            # Under XLA the in-graph Assert is dropped: read the record instead.
-            host_check = bool(self.jit_compile) and not self.run_eagerly
-            self.train_function = guard.wrap(self.train_function, host_check)
+
+        self.train_function = host.make(self, keras_trace)
         return self.train_function
 
     def get_compile_config(self):
@@ -379,14 +382,14 @@ class StepMetrics:
         self.skipped_steps = None
         self.grad_norm = self.clipped_grad_norm = None
 
-    def active(self, options, telemetry):
-        """The metrics that count in a step with these options and this telemetry."""
+    def active(self, options, recorder):
+        """The metrics that count in a step with these options and this gradient recorder."""
         metrics = []
         if self.skipped_steps is not None and options.numerics.skip:
             metrics.append(self.skipped_steps)
         # The gradient-norm trackers stay between fits (their variables are
         # part of the traces) but are metrics only while a callback records them.
-        if telemetry is not None and telemetry.log_metrics:
+        if recorder.log_metrics:
             metrics += [m for m in (self.grad_norm, self.clipped_grad_norm) if m is not None]
         return metrics
 

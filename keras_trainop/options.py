@@ -248,7 +248,8 @@ class TrainOptions:
             `grad_transforms`.
         aggregation_method: a `tf.AggregationMethod` value or None.
         gate_gradients: `GATE_NONE`, `GATE_OP` or `GATE_GRAPH`.
-        colocate_gradients_with_ops: accepted for TF1 code; no effect in TF2.
+        colocate_gradients_with_ops: whether each gradient op is placed with
+            the forward op it differentiates (TF1's option; graph mode only).
         check_numerics: False, True / "loss", "all", "skip" or a
             `SkipNonFinite` (see `NumericsPolicy`).
         update_ops: None or a list of zero-argument callables.
@@ -303,11 +304,15 @@ class TrainOptions:
 
     @property
     def uses_tf_gradients(self):
-        """Whether gradients must come from `tf.gradients` (graph mode only).
+        """Whether gradients must come from TF1's `gradients` (graph mode only).
 
         `GATE_OP` is the default and needs no extra work in TF2: inside a
         `tf.function`, automatic control dependencies already order every read
         of a variable before its update, which is the race `GATE_OP` prevented
         in TF1. `GradientTape` serves it, at no cost.
         """
-        return self.aggregation_method is not None or self.gate_gradients != GATE_OP
+        return (
+            self.aggregation_method is not None
+            or self.gate_gradients != GATE_OP
+            or self.colocate_gradients_with_ops
+        )

@@ -39,6 +39,7 @@ from keras_trainop import summaries
 from keras_trainop.accumulation import GradientAccumulator
 from keras_trainop.optimizers import is_loss_scale_optimizer, own_accumulation_steps
 from keras_trainop.options import USE_GLOBAL_STEP
+from keras_trainop.telemetry import SUMMARIES, GradientRecorder
 from keras_trainop.transforms.base import build_child, child_variables, map_values
 from keras_trainop.variables import select_variables
 
@@ -220,10 +221,11 @@ class StepPipeline:
             GradientAccumulator(options.gradient_accumulation_steps) if options.accumulates else None
         )
         self.selected = None  # the variables to train, once resolved
-        # Set by GradientTensorBoard: statistics to compute in the step.
-        self.telemetry = None
-        # The default tf.summary writer when the model's step was last traced.
-        self.traced_summary_writer = None
+        # Gradient statistics the host writes after each call (a model's
+        # summarize_gradients and GradientTensorBoard), and the hosted train
+        # functions made for them (keras_trainop.host).
+        self.recorder = GradientRecorder()
+        self.hosted_functions = {}
         # A model's `train_step_state`: how Keras's saving finds the state.
         self.saved_state = None
 
@@ -366,14 +368,12 @@ class StepPipeline:
             private.apply_gradients_as_given(opt)
         raw = list(grads_and_vars)
         lso = is_loss_scale_optimizer(opt)
-        telemetry = self.telemetry
-        if telemetry is not None and not (telemetry.active or telemetry.log_metrics):
-            telemetry = None
+        recorder = self.recorder
         accumulator = self.accumulator
         reads_gradients = (
             bool(options.transforms)
             or options.summarize_gradients
-            or telemetry is not None
+            or recorder.reads_gradients
             or accumulator is not None
         )
         scale = None
@@ -420,15 +420,14 @@ class StepPipeline:
             result = transform(list(grads_and_vars))
             grads_and_vars = _check_transform_output(i, transform, result, allowed)
 
-        if options.summarize_gradients:
+        if options.summarize_gradients and SUMMARIES not in recorder.readers:
             self._summarize(grads_and_vars, step, in_xla, ready)
-        if telemetry is not None:
-            # A step that will not be applied is not recorded: its number is
-            # the next applied update's.
-            telemetry.record(
-                step, before, grads_and_vars, bool(options.transforms),
-                applies=_all_of(None if verdict is None else verdict.ok, finite, ready),
-            )
+        # A step that will not be applied is not recorded: its number is the
+        # next applied update's.
+        recorder.record(
+            step, self._summary_step(step), before, grads_and_vars, bool(options.transforms),
+            applies=_all_of(None if verdict is None else verdict.ok, finite, ready),
+        )
 
         if scale is not None:
             grads_and_vars = _rescale(grads_and_vars, scale, finite)
@@ -501,20 +500,27 @@ class StepPipeline:
 
         return [(map_values(divide, g), v) for g, v in grads_and_vars], scale
 
+    def _summary_step(self, step):
+        """The step TF1's summaries write at: a `global_step` variable's, after this update."""
+        counter = self.options.global_step
+        if counter is not None and counter is not USE_GLOBAL_STEP:
+            return tf.cast(tf.convert_to_tensor(counter), tf.int64) + 1
+        return step
+
     def _summarize(self, grads_and_vars, step, in_xla, ready=None):
+        """`summarize_gradients` in a function of the user's (the model's step records instead)."""
         if in_xla:
             gradients_lib.warn_once(
                 self.warned,
                 "xla-summaries",
                 "keras_trainop: `summarize_gradients=True` cannot write summaries "
-                "from inside an XLA-compiled step (tf.summary has no XLA kernel), "
-                "so no gradient summary is written. Compile with "
-                "jit_compile=False to get them.",
+                "from inside your jit_compile=True function (tf.summary has no XLA "
+                "kernel), so no gradient summary is written. Compile it with "
+                "jit_compile=False, or train with model.fit, which writes them "
+                "in every mode.",
             )
             return
-        counter = self.options.global_step
-        if counter is not None and counter is not USE_GLOBAL_STEP:
-            step = tf.cast(tf.convert_to_tensor(counter), tf.int64) + 1
+        step = self._summary_step(step)
         if ready is None:
             summaries.add_gradients_summaries(grads_and_vars, step=step)
             return

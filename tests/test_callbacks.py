@@ -147,10 +147,10 @@ def test_non_recording_calls_run_the_plain_trace(tmp_path):
 
     class Spy(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            # Runs after GradientTensorBoard.on_train_begin: wrap the two traces it made.
-            cache = model.train_pipeline.telemetry_functions
-            (key,) = cache
-            telemetry, plain, recording = cache[key]
+            # Runs after GradientTensorBoard.on_train_begin: wrap the two traces
+            # the model's hosted train function now picks from.
+            hosted = model.train_function
+            (plain_names, plain), (recording_names, recording) = hosted.traces
 
             def counting(name, function):
                 def call(iterator):
@@ -158,8 +158,8 @@ def test_non_recording_calls_run_the_plain_trace(tmp_path):
                     return function(iterator)
                 return call
 
-            cache[key] = (telemetry, counting("plain", plain), counting("recording", recording))
-            callback.on_train_begin()  # rebuild the switch over the counting traces
+            hosted.traces = [(plain_names, counting("plain", plain)),
+                             (recording_names, counting("recording", recording))]
 
     fit(model, x, y, [callback, Spy()], epochs=2)
     assert calls == {"plain": 16, "recording": 4}  # steps 5, 10, 15, 20 record

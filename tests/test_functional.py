@@ -700,6 +700,29 @@ def test_multiply_gradients_errors(make_args, match):
         kt.multiply_gradients(*make_args(v))
 
 
+def test_create_train_op_colocates_gradient_ops_with_their_forward_ops():
+    # TF1's option: each gradient op gets the colocation group of the op it
+    # differentiates. Oracle: the same function without it, where only the
+    # ops TF always colocates (the initial gradient, with the loss) have one.
+    w = tf.Variable([[1.0, 2.0]])
+    opt = keras.optimizers.SGD(LR)
+    opt.build([w])
+
+    def colocated_ops(colocate):
+        @tf.function
+        def train(x):
+            loss = tf.reduce_sum(tf.tanh(x @ tf.transpose(w)))
+            return kt.create_train_op(loss, opt, colocate_gradients_with_ops=colocate, check_numerics=False)
+
+        graph = train.get_concrete_function(tf.constant([[1.0, 1.0]])).graph
+        return {op.name for op in graph.get_operations()
+                if any(group != b"loc:@" + op.name.encode() for group in op.colocation_groups())}
+
+    plain, colocated = colocated_ops(False), colocated_ops(True)
+    assert plain < colocated
+    assert any("MatMul" in name for name in colocated - plain)  # the matmul's gradient, with the matmul
+
+
 # The TF1 helpers are thin wrappers over the registered transforms: one
 # implementation per feature (before, each had its own, with its own float16
 # handling and key rules, and `clip_gradient_norms_fn` returned an unsaveable closure).

@@ -252,15 +252,15 @@ GRADIENT_OPTIONS = [
 @pytest.fixture
 def tf_gradients_calls(monkeypatch):
     calls = []
-    real = tf.gradients
+    real = tf.compat.v1.gradients
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gradients_module.tf, "gradients", spy)
+    monkeypatch.setattr(gradients_module.tf.compat.v1, "gradients", spy)
     yield calls
-    monkeypatch.setattr(gradients_module.tf, "gradients", real)
+    monkeypatch.setattr(gradients_module.tf.compat.v1, "gradients", real)
 
 
 @pytest.mark.parametrize("mode", ["graph", "jit"])
@@ -294,12 +294,24 @@ def test_tf1_gradient_options_warn_once_when_eager_and_use_the_tape(options, tf_
     assert max_abs_diff(ours.get_weights(), theirs.get_weights()) == 0
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_colocate_gradients_with_ops_is_accepted_and_changes_nothing(mode):
+@pytest.mark.parametrize("mode", ["graph", "jit"])
+def test_colocate_gradients_with_ops_reaches_tf1_gradients(mode, tf_gradients_calls):
     x, y = regression_data()
     ours, theirs = pair(mode, colocate_gradients_with_ops=True)
     fit(ours, x, y)
     fit(theirs, x, y)
+    assert tf_gradients_calls and all(c["colocate_gradients_with_ops"] for c in tf_gradients_calls)
+    assert max_abs_diff(ours.get_weights(), theirs.get_weights()) == 0
+
+
+def test_colocate_gradients_with_ops_warns_once_when_eager(tf_gradients_calls):
+    x, y = regression_data()
+    ours, theirs = pair("eager", colocate_gradients_with_ops=True)
+    with pytest.warns(UserWarning, match="cannot act") as record:
+        fit(ours, x, y, epochs=2)
+    assert len([w for w in record if "cannot act" in str(w.message)]) == 1
+    fit(theirs, x, y, epochs=2)
+    assert tf_gradients_calls == []
     assert max_abs_diff(ours.get_weights(), theirs.get_weights()) == 0
 
 
@@ -493,11 +505,15 @@ def read_events(logdir):
     return acc
 
 
-@pytest.mark.parametrize("mode", ["eager", "graph"])
-def test_summarize_gradients_writes_to_the_default_writer(mode, tmp_path):
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+@pytest.mark.parametrize("mode", MODES)
+def test_summarize_gradients_writes_to_the_default_writer(mode, steps_per_execution, tmp_path):
+    # The same tags and steps in every mode: the step records, the host writes
+    # after each call (under XLA tf.summary cannot run inside the step).
     x, y = regression_data()
     model = mlp(kt.Model)
-    model.compile(keras.optimizers.SGD(0.01), "mse", summarize_gradients=True, **mode_kwargs(mode))
+    model.compile(keras.optimizers.SGD(0.01), "mse", summarize_gradients=True,
+                  steps_per_execution=steps_per_execution, **mode_kwargs(mode))
     writer = tf.summary.create_file_writer(str(tmp_path))
     with writer.as_default():
         fit(model, x, y)
@@ -509,6 +525,7 @@ def test_summarize_gradients_writes_to_the_default_writer(mode, tmp_path):
     steps = len(x) // BATCH
     for p in paths:
         assert [e.step for e in acc.Tensors(f"{p}/gradient_norm")] == list(range(1, steps + 1))
+        assert [e.step for e in acc.Tensors(f"{p}/gradient")] == list(range(1, steps + 1))
     # The first norm equals the norm of a GradientTape gradient at the initial weights.
     fresh = mlp(keras.Model)
     with tf.GradientTape() as tape:
@@ -516,13 +533,17 @@ def test_summarize_gradients_writes_to_the_default_writer(mode, tmp_path):
     kernel_grad = tape.gradient(loss, fresh.get_layer("out").kernel)
     first = tf.make_ndarray(acc.Tensors("out/kernel/gradient_norm")[0].tensor_proto)
     np.testing.assert_allclose(first, np.linalg.norm(kernel_grad.numpy()), rtol=1e-5)
+    # ... and its histogram counts every element of that gradient.
+    histogram = tf.make_ndarray(acc.Tensors("out/kernel/gradient")[0].tensor_proto)
+    assert histogram[:, 2].sum() == kernel_grad.numpy().size
+    assert histogram[0, 0] <= kernel_grad.numpy().min() and kernel_grad.numpy().max() <= histogram[-1, 1]
     assert len(glob.glob(str(tmp_path / "events.out.tfevents.*"))) == 1
 
 
-@pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.parametrize("mode", MODES)
 def test_summarize_gradients_follows_the_writer_of_each_fit(mode, tmp_path):
-    # The step captures the default writer when it is traced: a later fit under
-    # another writer (or after one under none) must trace again.
+    # Each fit writes to the default writer of that fit: a fit under none
+    # records nothing, a later one under a writer does.
     x, y = regression_data()
     model = mlp(kt.Model)
     model.compile(keras.optimizers.SGD(0.01), "mse", summarize_gradients=True, **mode_kwargs(mode))
@@ -532,7 +553,7 @@ def test_summarize_gradients_follows_the_writer_of_each_fit(mode, tmp_path):
         writer = tf.summary.create_file_writer(str(tmp_path / name))
         with writer.as_default():
             fit(model, x, y)
-        writer.close()  # a stale trace would now write to a closed writer
+        writer.close()  # a stale writer would now be closed
     first, second = read_events(str(tmp_path / "first")), read_events(str(tmp_path / "second"))
     assert [e.step for e in first.Tensors("out/kernel/gradient_norm")] == list(range(steps + 1, 2 * steps + 1))
     assert [e.step for e in second.Tensors("out/kernel/gradient_norm")] == list(range(2 * steps + 1, 3 * steps + 1))
@@ -548,16 +569,44 @@ def test_summarize_gradients_without_a_writer_writes_nothing(tmp_path, monkeypat
     assert glob.glob(str(tmp_path / "**" / "events.*"), recursive=True) == []
 
 
-def test_summarize_gradients_under_xla_warns_once_and_trains(tmp_path):
+def summaries_in(mode, tmp_path, **options):
     x, y = regression_data()
-    ours, theirs = pair("jit", summarize_gradients=True)
-    writer = tf.summary.create_file_writer(str(tmp_path))
-    with writer.as_default(), pytest.warns(UserWarning, match="XLA") as record:
+    ours, theirs = pair(mode, summarize_gradients=True, **options)
+    writer = tf.summary.create_file_writer(str(tmp_path / mode))
+    with writer.as_default():
         fit(ours, x, y, epochs=2)
     writer.close()
-    assert len([w for w in record if "XLA" in str(w.message)]) == 1
     fit(theirs, x, y, epochs=2)
-    assert max_abs_diff(ours.get_weights(), theirs.get_weights()) == 0
+    assert max_abs_diff(ours.get_weights(), theirs.get_weights()) == 0  # and it trains as plain Keras
+    acc = read_events(str(tmp_path / mode))
+    return {tag: [(e.step, tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+            for tag in acc.Tags()["tensors"]}
+
+
+def test_summarize_gradients_writes_the_same_records_in_every_mode(tmp_path):
+    # Before, under XLA it wrote nothing (one warning). Oracle: graph mode.
+    records = {mode: summaries_in(mode, tmp_path) for mode in MODES}
+    for mode in ("eager", "jit"):
+        assert records[mode].keys() == records["graph"].keys()
+        for tag, graph_records in records["graph"].items():
+            assert [s for s, _ in records[mode][tag]] == [s for s, _ in graph_records]
+            for (_, ours), (_, reference) in zip(records[mode][tag], graph_records):
+                if tag.endswith("/gradient_norm"):
+                    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-6)
+                    continue
+                # A histogram: the same edges and counts, up to an element on an
+                # edge that float rounding puts in the next bucket.
+                np.testing.assert_allclose(ours[:, :2], reference[:, :2], rtol=1e-4, atol=1e-6)
+                assert ours[:, 2].sum() == reference[:, 2].sum()
+                assert np.abs(np.cumsum(ours[:, 2]) - np.cumsum(reference[:, 2])).max() <= 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_summarize_gradients_writes_at_the_global_step(mode, tmp_path):
+    counter = tf.Variable(100, dtype=tf.int64)
+    records = summaries_in(mode, tmp_path, global_step=counter)
+    steps = 2 * len(regression_data()[0]) // BATCH
+    assert [s for s, _ in records["out/kernel/gradient_norm"]] == list(range(101, 101 + steps))
 
 
 # -- a custom train_step keeps every option through minimize() -----------------------------
