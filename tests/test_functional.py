@@ -303,19 +303,15 @@ TF1_GRADIENT_OPTIONS = [
 
 @pytest.fixture
 def gradients_spy(monkeypatch):
-    """Counts the `tf.gradients` calls made by `keras_trainop.gradients`."""
+    """Counts the calls of TF1's `gradients` (`tf.compat.v1.gradients`) made by `keras_trainop.gradients`."""
     calls = []
+    real = tf.compat.v1.gradients
 
-    class SpyTF:
-        def __getattr__(self, name):
-            return getattr(tf, name)
+    def gradients(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
 
-        @staticmethod
-        def gradients(*args, **kwargs):
-            calls.append(kwargs)
-            return tf.gradients(*args, **kwargs)
-
-    monkeypatch.setattr(gradients_lib, "tf", SpyTF())
+    monkeypatch.setattr(gradients_lib.tf.compat.v1, "gradients", gradients)
     return calls
 
 

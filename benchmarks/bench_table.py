@@ -1,0 +1,170 @@
+"""keras_trainop against the peer a user would pick instead: the speed table of docs/performance.md.
+
+Each row times a keras_trainop feature and its peer in the same run, on two
+models: the MLP 784-256-256-10 and "200 vars", `Dense(32)` x 100 (202
+variables, where per-op overhead dominates). Adam, batch 128, synthetic data.
+
+Method. Every model is built `--copies` times (two copies of one model can
+differ by a few percent in speed, steadily). A round runs one epoch of
+`--steps` steps of every copy of every variant, in an order that rotates from
+round to round, so that drift of a shared machine hits all alike. A copy's
+figure is the median of its per-batch times (`on_train_batch_begin` to
+`on_train_batch_end`) over all rounds, after one warm-up epoch; a variant's is
+the mean over its copies; a row's ratio is the feature's figure over its
+peer's.
+
+Usage:
+    python benchmarks/bench_table.py [--rounds 10] [--steps 40] [--copies 2]
+        [--models mlp,deep] [--jit-auto]
+
+`--jit-auto` compiles every variant with `jit_compile="auto"` (on a GPU, Keras
+then turns XLA on by itself) instead of each row's own setting.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_trainop as kt  # noqa: E402
+
+BATCH = 128
+CLIP = 1.0
+
+
+def adam(**kwargs):
+    return keras.optimizers.Adam(1e-3, **kwargs)
+
+
+def every_option():
+    counter = tf.Variable(0, dtype=tf.int64, trainable=False)
+    runs = tf.Variable(0, dtype=tf.int64, trainable=False)
+    return dict(
+        grad_transforms=[kt.transforms.clip_by_global_norm(CLIP)],
+        check_numerics="skip",
+        update_ops=[lambda: runs.assign_add(1)],
+        global_step=counter,
+    )
+
+
+# name -> (kt model?, optimizer factory, compile options factory, jit_compile)
+VARIANTS = {
+    "plain": (False, adam, dict, False),
+    "plain_accumulate": (False, lambda: adam(gradient_accumulation_steps=4), dict, False),
+    "plain_clip": (False, lambda: adam(global_clipnorm=CLIP), dict, False),
+    "plain_jit": (False, adam, dict, True),
+    "keras_skip": (False, lambda: keras.optimizers.LossScaleOptimizer(adam()), dict, False),
+    "kt_default": (True, adam, dict, False),
+    "kt_accumulate": (True, adam, lambda: dict(gradient_accumulation_steps=4), False),
+    "kt_clip": (True, adam, lambda: dict(grad_transforms=[kt.transforms.clip_by_global_norm(CLIP)]), False),
+    "kt_every": (True, adam, every_option, False),
+    "kt_every_jit": (True, adam, every_option, True),
+    "kt_skip": (True, adam, lambda: dict(check_numerics="skip"), False),
+    "kt_all": (True, adam, lambda: dict(check_numerics="all"), False),
+}
+
+# (what, feature, peer, target)
+ROWS = [
+    ("gradient_accumulation_steps=4, per micro-batch", "kt_accumulate", "plain_accumulate", 1.00),
+    ("clip_by_global_norm(1.0) vs Adam(global_clipnorm=1.0)", "kt_clip", "plain_clip", 1.00),
+    ("every option, jit_compile=True vs plain Keras jit", "kt_every_jit", "plain_jit", 1.05),
+    ("every option, XLA vs the same without XLA", "kt_every_jit", "kt_every", 0.90),
+    ('check_numerics="skip" vs LossScaleOptimizer(Adam) float32', "kt_skip", "keras_skip", 0.95),
+    ('check_numerics="all" vs LossScaleOptimizer(Adam) float32', "kt_all", "keras_skip", 0.95),
+    ("default options vs plain keras.Model", "kt_default", "plain", 1.01),
+]
+
+
+class BatchTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._t)
+
+
+def build(model_name, variant, jit_auto):
+    ours, optimizer, options, jit = VARIANTS[variant]
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((784,))
+    if model_name == "mlp":
+        h = keras.layers.Dense(256, activation="relu")(inputs)
+        h = keras.layers.Dense(256, activation="relu")(h)
+    else:
+        h = keras.layers.Dense(32, activation="relu")(inputs)
+        for _ in range(99):
+            h = keras.layers.Dense(32, activation="relu")(h)
+    outputs = keras.layers.Dense(10)(h)
+    model = (kt.Model if ours else keras.Model)(inputs, outputs)
+    model.compile(
+        optimizer=optimizer(),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile="auto" if jit_auto else jit,
+        **options(),
+    )
+    return model
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--copies", type=int, default=2)
+    parser.add_argument("--models", default="mlp,deep")
+    parser.add_argument("--jit-auto", action="store_true")
+    args = parser.parse_args()
+    model_names = args.models.split(",")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.steps * BATCH, 784), dtype=np.float32)
+    y = rng.integers(0, 10, size=(args.steps * BATCH,))
+
+    runs = [(m, v, c) for m in model_names for v in VARIANTS for c in range(args.copies)]
+    models = {run: build(run[0], run[1], args.jit_auto) for run in runs}
+    timers = {run: BatchTimer() for run in runs}
+    for run in runs:  # warm-up: tracing and first-run costs
+        models[run].fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    for r in range(args.rounds):
+        shift = r * len(runs) // args.rounds
+        for run in runs[shift:] + runs[:shift]:
+            models[run].fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[timers[run]])
+
+    def figure(model_name, variant):
+        return statistics.mean(
+            statistics.median(timers[(model_name, variant, c)].times) for c in range(args.copies)
+        )
+
+    print(f"commit {commit()}; rounds={args.rounds} steps={args.steps} copies={args.copies} "
+          f"jit_auto={args.jit_auto}; devices: {[d.device_type for d in tf.config.list_logical_devices()]}")
+    header = "| what | " + " | ".join(model_names) + " | target |"
+    print(header)
+    print("|" + "---|" * (len(model_names) + 2))
+    for what, feature, peer, target in ROWS:
+        ratios = [figure(m, feature) / figure(m, peer) for m in model_names]
+        cells = " | ".join(f"{r:.3f}" for r in ratios)
+        print(f"| {what} | {cells} | <= {target:.2f} |")
+    print()
+    print("ms per step:", ", ".join(
+        f"{m}/{v} {figure(m, v) * 1e3:.2f}" for m in model_names for v in VARIANTS))
+
+
+if __name__ == "__main__":
+    main()
