@@ -90,7 +90,7 @@ def add_control_input(op, control):
     A failing step's update must not change any state, yet its constants,
     variable reads and arithmetic should not wait for the check: under
     `tf.control_dependencies` they all do, which cost 1.18 to 1.29 times a
-    step without the check on a 200-variable model. So `numerics.run_after`
+    step without the check on a 200-variable model. So `gating.run_after`
     builds the update as it is and then gives this control edge to each op
     that changes state and does not already wait. TF's automatic control
     dependencies add edges the same way; there is no public call for it.

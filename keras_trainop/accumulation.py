@@ -5,8 +5,9 @@ gradients to a sum; every k-th step hands the mean of the k micro-batches on
 to the transforms and the optimizer, which apply it once, and the sum starts
 again from zero. With a mean loss over equal micro-batches, that mean is the
 gradient of one batch k times larger, and the transforms (a clip by global
-norm, say) act on it, not on each micro-batch. Without control flow: the sums
-are rewritten with `tf.where`, and only the update waits for the k-th step.
+norm, say) act on it, not on each micro-batch. Without control flow: the new
+sums are selected with `tf.where` (the step's commit writes them), and only
+the update waits for the k-th step.
 """
 
 import keras
@@ -55,7 +56,7 @@ class GradientAccumulator:
         return [] if self.count is None else self.sums + [self.count]
 
     def add(self, grads_and_vars, ok):
-        """Adds a micro-batch's gradients, if `ok`; returns `(pairs, ready)`.
+        """Adds a micro-batch's gradients, if `ok`, as values; assigns nothing.
 
         Args:
             grads_and_vars: the micro-batch's `(gradient, variable)` pairs, in
@@ -65,14 +66,16 @@ class GradientAccumulator:
                 (a non-finite micro-batch adds nothing).
 
         Returns:
-            The pairs with the mean gradient of the micro-batches so far (the
-            one to apply when `ready`), and `ready`: True at the k-th added
-            micro-batch, where the sums start again from zero.
+            `(pairs, ready, writes)`: the pairs with the mean gradient of the
+            micro-batches so far (the one to apply when `ready`); `ready`,
+            True at the k-th added micro-batch, where the sums start again
+            from zero; and the `(variable, new value)` writes of the sums and
+            the counter, for the step's commit.
         """
         count = tf.convert_to_tensor(self.count)
         added = count + 1
         ready = tf.logical_and(ok, added >= self.steps)
-        self.count.assign(tf.where(ready, tf.zeros_like(count), tf.where(ok, added, count)))
+        writes = [(self.count, tf.where(ready, tf.zeros_like(count), tf.where(ok, added, count)))]
         pairs = []
         for (grad, var), acc in zip(grads_and_vars, self.sums):
             if grad is None:
@@ -80,9 +83,9 @@ class GradientAccumulator:
                 continue
             current = tf.convert_to_tensor(acc)
             total = _add(current, grad)
-            acc.assign(tf.where(ready, tf.zeros_like(current), tf.where(ok, total, current)))
+            writes.append((acc, tf.where(ready, tf.zeros_like(current), tf.where(ok, total, current))))
             pairs.append((total / tf.cast(self.steps, total.dtype), var))
-        return pairs, ready
+        return pairs, ready, writes
 
 
 def _add(dense, grad):

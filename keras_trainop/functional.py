@@ -9,13 +9,15 @@ All of them run the same `StepPipeline` as `TrainOpModel`.
 """
 
 import numbers
+import weakref
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_trainop import _keras_private as private
 from keras_trainop.gradients import tf_gradients, warn_once
-from keras_trainop.numerics import FailureGuard
+from keras_trainop.failures import FailureRecord
 from keras_trainop.options import (
     GATE_OP,
     USE_GLOBAL_STEP,
@@ -27,6 +29,9 @@ from keras_trainop.summaries import add_gradients_summaries  # noqa: F401 (publi
 from keras_trainop.summaries import variable_name
 from keras_trainop.transforms.clipping import ClipByNorm, check_norm_bound
 from keras_trainop.transforms.scaling import Multiply
+
+
+_WARNED = weakref.WeakKeyDictionary()  # create_train_op's warnings given, per optimizer
 
 
 def _is_number(value):
@@ -60,7 +65,7 @@ def _total_loss(values, total_loss_fn, loss):
 
 def _warn_if_xla_cannot_raise(pipeline, how_to_raise):
     """Under XLA a failed check blocks the update but cannot raise: say so once."""
-    if pipeline.guard is None or not private.in_xla_context():
+    if pipeline.failures is None or not private.in_xla_context():
         return
     warn_once(
         pipeline.warned,
@@ -74,19 +79,34 @@ def _warn_if_xla_cannot_raise(pipeline, how_to_raise):
     )
 
 
-def raise_if_failed(optimizer):
-    """Raises the `kt.NonFiniteError` of a failed step of `optimizer`, if any.
+def raise_if_failed(owner):
+    """Raises the `kt.NonFiniteError` of a failed step, if any, and clears the record.
 
-    Inside a `jit_compile=True` function nothing can raise: a step of
-    `create_train_op` or `create_train_step` whose check failed is blocked, as
-    is every later step of `optimizer`, until this is called. It raises the
-    error of the first failed step and clears the record, so that training can
-    go on. Elsewhere the step raises by itself and this does nothing.
+    The one way to report a failed check, for every entry point and mode
+    (docs/numerics.md, "When a check fails"): fit calls it after every call;
+    call it after your own call of a step inside a `jit_compile=True` function,
+    where nothing can raise and the failed step (and every later one) is blocked
+    until it is called; and after catching the `tf.errors.InvalidArgumentError`
+    that a failed check raises inside your own `tf.function`, to get the
+    `kt.NonFiniteError` that says what failed. Where nothing failed, it does
+    nothing.
 
     Args:
-        optimizer: the Keras optimizer the step applies with.
+        owner: what runs the step: a function made by `kt.create_train_step`,
+            a `TrainOpModel`, or the optimizer of `kt.create_train_op`.
     """
-    FailureGuard.for_optimizer(optimizer).raise_if_failed()
+    pipeline = getattr(owner, "pipeline", None) or getattr(owner, "train_pipeline", None)
+    if pipeline is not None:
+        record = pipeline.failures
+    elif isinstance(owner, keras.optimizers.Optimizer):
+        record = FailureRecord.of_optimizer(owner)
+    else:
+        raise ValueError(
+            "`owner` must be a step of kt.create_train_step, a keras_trainop model, or "
+            f"the optimizer of kt.create_train_op. Received: owner={owner!r}"
+        )
+    if record is not None:
+        record.raise_if_failed()
 
 
 def create_train_step(
@@ -166,22 +186,15 @@ def create_train_step(
             values = loss(*args, **kwargs)
             return _total_loss(values, total_loss_fn, loss), values
 
-        if not tf.executing_eagerly() or pipeline.guard is None:
+        if not tf.executing_eagerly() or pipeline.failures is None:
             return pipeline.run(forward)[0]
-        try:
-            return pipeline.run(forward)[0]
-        except tf.errors.InvalidArgumentError as e:
-            translated = pipeline.guard.translate(e)
-            if translated is e:
-                raise
-            raise translated from e
+        return pipeline.failures.call_translating(pipeline.run, forward)[0]
 
     step.pipeline = pipeline
-    step.raise_if_failed = (
-        pipeline.guard.raise_if_failed if pipeline.guard is not None else lambda: None
-    )
+    step.raise_if_failed = lambda: raise_if_failed(step)
     # With check_numerics="skip": the number of skipped steps (an int64 variable).
-    step.skipped_steps = pipeline.guard.skipped_total if pipeline.guard is not None else None
+    record = pipeline.failures
+    step.skipped_steps = record.skipped_total if record is not None else None
     return step
 
 
@@ -254,7 +267,12 @@ def create_train_op(
         summarize_gradients=summarize_gradients,
         global_step=global_step,
     )
-    pipeline = StepPipeline(options, optimizer)
+    # Traced anew in every trace of the caller's function: one failure record
+    # per optimizer, which `kt.raise_if_failed(optimizer)` reads.
+    record = FailureRecord.for_optimizer(optimizer, options.numerics) if options.numerics.enabled else None
+    pipeline = StepPipeline(options, optimizer, record=record)
+    # And one set of warnings given: a warning once per optimizer, not per trace.
+    pipeline.warned = _WARNED.setdefault(optimizer, set())
     watched = private.function_watched_variables() or []
     read = [v for v in watched if v.trainable]
     if options.variables_to_train is None:

@@ -20,7 +20,6 @@ the same callbacks traces nothing again.
 
 import tensorflow as tf
 
-from keras_trainop.numerics import NonFiniteError
 from keras_trainop.telemetry import RingBuffer
 
 
@@ -75,9 +74,9 @@ class HostedTrainFunction:
         finally:
             recorder.recording = ()
         if recording:
-            guard = self.pipeline.guard
-            skip = guard is not None and self.pipeline.options.numerics.skip
-            recorder.flush(recording, int(guard.skipped_total.numpy()) if skip else None)
+            record = self.pipeline.failures
+            skip = record is not None and self.pipeline.options.numerics.skip
+            recorder.flush(recording, int(record.skipped_total.numpy()) if skip else None)
         if function is not self.traces[0][1]:
             self._read_iterations()
         return logs
@@ -107,19 +106,13 @@ class HostedTrainFunction:
         return self.traces[-1]
 
     def _run(self, function, iterator):
-        guard = self.pipeline.guard
-        if guard is None:
+        record = self.pipeline.failures
+        if record is None:
             return function(iterator)
-        try:
-            logs = function(iterator)
-        except tf.errors.InvalidArgumentError as e:
-            translated = e if isinstance(e, NonFiniteError) else guard.translate(e)
-            if translated is e:
-                raise
-            raise translated from e
+        logs = record.call_translating(function, iterator)
         if self.model.jit_compile and not self.model.run_eagerly:
             # Under XLA the in-graph Assert is dropped: read the record instead.
-            guard.raise_if_failed()
+            record.raise_if_failed()
         return logs
 
 

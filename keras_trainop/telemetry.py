@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_trainop import summaries
-from keras_trainop.numerics import replica_cond
+from keras_trainop.replicas import replica_cond
 from keras_trainop.variables import state_variable
 
 SUMMARIES = "summarize_gradients"

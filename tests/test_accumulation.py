@@ -143,7 +143,7 @@ def test_a_skipped_micro_batch_adds_nothing(mode):
     assert max_abs_diff(
         ours.train_pipeline.accumulator_variables(), reference.train_pipeline.accumulator_variables()
     ) == 0
-    assert int(ours.train_pipeline.guard.skipped_total.numpy()) == 1
+    assert int(ours.train_pipeline.failures.skipped_total.numpy()) == 1
 
 
 @pytest.mark.parametrize("mode", MODES)

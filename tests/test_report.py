@@ -44,7 +44,7 @@ def train(logdir, mode="graph", epochs=EPOCHS):
     )
     model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0, shuffle=False,
               callbacks=[kt.GradientTensorBoard(logdir, update_freq=1)])
-    assert int(model.train_pipeline.guard.skipped_total.numpy()) == epochs
+    assert int(model.train_pipeline.failures.skipped_total.numpy()) == epochs
     return epochs
 
 

@@ -46,7 +46,7 @@ def state(model):
         "optimizer": [v.numpy() for v in model.optimizer.variables],
         "transforms": [v.numpy() for v in pipeline.transform_variables()],
         "sums": [v.numpy() for v in pipeline.accumulator_variables()],
-        "skip counters": [pipeline.guard.skipped_total.numpy(), pipeline.guard.consecutive.numpy()],
+        "skip counters": [pipeline.failures.skipped_total.numpy(), pipeline.failures.consecutive.numpy()],
         "global step": [model.train_options.global_step.numpy()],
     }
 

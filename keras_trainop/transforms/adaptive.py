@@ -120,20 +120,20 @@ class AdaptiveClipByGlobalNorm(GradientTransform):
             self.count = self.add_state("adaptive_max_norm_step", "int64")
         super().build(variables)
 
-    def call(self, grads_and_vars):
+    def update(self, grads_and_vars, state):
+        mean, sq_mean = state[:2]
+        new_state = []
         norm = tf.cast(global_norm([g for g, _ in grads_and_vars]), tf.float32)
         log_norm = tf.math.log(norm + self.epsilon)
         decay = tf.constant(self.decay, tf.float32)
         if self.warmup:
-            n = tf.cast(tf.convert_to_tensor(self.count), tf.float32)
+            count = state[2]
+            n = tf.cast(count, tf.float32)
             decay = tf.minimum(decay, n / (n + 1.0))
-            self.count.assign_add(1)
-        mean = tf.convert_to_tensor(self.mean)
-        sq_mean = tf.convert_to_tensor(self.sq_mean)
+            new_state = [count + 1]
         mean = mean - (mean - log_norm) * (1.0 - decay)
         sq_mean = sq_mean - (sq_mean - tf.square(log_norm)) * (1.0 - decay)
-        self.mean.assign(mean)
-        self.sq_mean.assign(sq_mean)
+        new_state = [mean, sq_mean] + new_state
         std = tf.sqrt(tf.maximum(self.epsilon, sq_mean - tf.square(mean)))
         max_norm = tf.exp(mean + self.std_factor * std)
         # divide_no_nan: a negative std_factor can underflow max_norm to 0, and an
@@ -142,7 +142,7 @@ class AdaptiveClipByGlobalNorm(GradientTransform):
         factor = tf.where(norm < max_norm, tf.ones_like(norm), clipped)
         if self.static_max_norm is not None:
             factor = tf.minimum(self.static_max_norm / norm, factor)
-        return [(scale(g, factor), v) for g, v in grads_and_vars]
+        return [(scale(g, factor), v) for g, v in grads_and_vars], new_state
 
     def get_config(self):
         return {

@@ -23,12 +23,31 @@ PACKAGE = "keras_trainop"
 class GradientTransform:
     """Base class of the built-in gradient transforms.
 
-    Subclasses implement `call(grads_and_vars)`, validate their arguments in
-    `__init__` and return them from `get_config()`. A stateful transform
-    overrides `build(variables)` to create its state as non-trainable
-    `keras.Variable`s, listed in `self.variables` (the model tracks them, so
-    they are saved and restored with it). `__call__` builds the transform
-    first if needed, as a Keras layer does.
+    A stateless transform implements `call(grads_and_vars)`. A stateful one
+    creates its state in `build(variables)` with `self.add_state(name,
+    dtype)` and implements `update(grads_and_vars, state)`, which returns the
+    new pairs and the new state without assigning anything: keras_trainop
+    writes the new state when, and only when, the step's update is applied
+    (a blocked, skipped or accumulating step leaves it as it was).
+    Subclasses validate their arguments in `__init__` and return them from
+    `get_config()`.
+
+    ```python
+    @keras.saving.register_keras_serializable()
+    class ScaleByRunningNorm(kt.transforms.GradientTransform):
+        def build(self, variables):
+            self.mean = self.add_state("mean_norm", "float32", 1.0)
+            super().build(variables)
+
+        def update(self, grads_and_vars, state):
+            (mean,) = state
+            norm = kt.transforms.base.global_norm([g for g, _ in grads_and_vars])
+            mean = 0.9 * mean + 0.1 * norm
+            return [(None if g is None else g / mean, v) for g, v in grads_and_vars], [mean]
+    ```
+
+    Calling a transform outside keras_trainop's step (`transform(pairs)`)
+    builds it if needed, runs `update` and writes the new state at once.
     """
 
     built = False  # class defaults: a subclass need not call __init__
@@ -58,7 +77,27 @@ class GradientTransform:
         if not self.built:
             with tf.init_scope():
                 self.build([v for _, v in grads_and_vars])
-        return self.call(grads_and_vars)
+        variables = self.variables
+        result, new_state = self.update(grads_and_vars, read_state(variables))
+        for variable, value in zip(variables, new_state):
+            variable.assign(value)
+        return result
+
+    def update(self, grads_and_vars, state):
+        """Returns `(pairs, new_state)`: the transformed pairs, and the new values of `self.variables`.
+
+        Args:
+            grads_and_vars: the list of `(gradient, variable)` pairs.
+            state: the current values of `self.variables`, in order.
+
+        The default is a stateless transform's: `call`, with the state as it
+        is after it (so an older transform that assigns its own state in
+        `call` still works; keras_trainop then puts that state back when the
+        step is not applied).
+        """
+        del state
+        result = self.call(grads_and_vars)
+        return result, read_state(self.variables)
 
     def call(self, grads_and_vars):
         """Returns the transformed list of `(gradient, variable)` pairs."""
@@ -77,6 +116,24 @@ class GradientTransform:
 
     def _repr_config(self):
         return self.get_config()
+
+
+def read_state(variables):
+    """The current values of state variables (reads ordered after earlier writes in a graph)."""
+    return [tf.convert_to_tensor(v) for v in variables]
+
+
+def run_transform(transform, grads_and_vars, state):
+    """`(pairs, new_state)` of any transform: a `GradientTransform`'s `update`, else a call.
+
+    A plain function (TF1's `transform_grads_fn`) or object has no explicit
+    state; if it keeps variables (`transform.variables`), it assigns them
+    itself, and its "new state" is their value after the call.
+    """
+    if isinstance(transform, GradientTransform):
+        return transform.update(list(grads_and_vars), list(state))
+    result = transform(list(grads_and_vars))
+    return result, read_state(child_variables(transform))
 
 
 # -- gradients ----------------------------------------------------------------
@@ -243,3 +300,80 @@ def build_child(transform, variables):
 
 def child_variables(transform):
     return list(getattr(transform, "variables", ()) or ())
+
+
+# -- what a transform returns -------------------------------------------------
+
+
+def check_output(index, transform, result, allowed):
+    """The pairs a transform returned, as a list, if they are fit to apply; else a ValueError.
+
+    Args:
+        index: the transform's position, for the error.
+        transform: the transform, for the error.
+        result: what it returned.
+        allowed: the ids of the variables being trained.
+    """
+    if isinstance(result, tuple):
+        result = list(result)
+    if not isinstance(result, list) or not all(
+        isinstance(p, (tuple, list)) and len(p) == 2 for p in result
+    ):
+        raise ValueError(
+            f"Gradient transform {index} ({transform!r}) must return a list of "
+            "(gradient, variable) pairs, as TF1's `transform_grads_fn` did. "
+            f"Received: {result!r}"
+        )
+    seen = set()
+    for grad, var in result:
+        if id(var) not in allowed:
+            raise ValueError(
+                f"Gradient transform {index} ({transform!r}) returned a pair for "
+                f"variable {_describe(var)}, which is not one of the "
+                "variables being trained. A transform may drop pairs or change "
+                "gradients, never add variables."
+            )
+        if id(var) in seen:
+            raise ValueError(
+                f"Gradient transform {index} ({transform!r}) returned more than one "
+                f"pair for variable {_describe(var)}: it would be updated twice. "
+                f"Received: {len(result)} pairs for {len(allowed)} variables"
+            )
+        seen.add(id(var))
+        if grad is not None:
+            _check_gradient(index, transform, grad, var)
+    return [tuple(p) for p in result]
+
+
+def _describe(var):
+    try:
+        return repr(variable_name(var))
+    except AttributeError:  # not a variable at all
+        return repr(var)
+
+
+def _check_gradient(index, transform, grad, var):
+    """A transform's gradient must fit its variable: a tensor of its shape and dtype."""
+    values = gradient_values(grad)
+    shape, dtype = getattr(values, "shape", None), getattr(values, "dtype", None)
+    if shape is None or dtype is None:
+        raise ValueError(
+            f"Gradient transform {index} ({transform!r}) returned, for variable "
+            f"{_describe(var)}, a gradient that is not a tensor, tf.IndexedSlices "
+            f"or None. Received: gradient={grad!r}"
+        )
+    shape, dtype = tf.TensorShape(shape), tf.as_dtype(dtype)
+    var_shape, var_dtype = tf.TensorShape(var.shape), tf.as_dtype(var.dtype)
+    if isinstance(grad, tf.IndexedSlices):  # rows of the variable
+        fits = shape.rank is None or (
+            shape.rank == var_shape.rank and shape[1:].is_compatible_with(var_shape[1:])
+        )
+    else:
+        fits = shape.is_compatible_with(var_shape)
+    if not fits or dtype != var_dtype:
+        raise ValueError(
+            f"Gradient transform {index} ({transform!r}) returned, for variable "
+            f"{_describe(var)} of shape {var_shape} and dtype {var_dtype.name}, a "
+            "gradient that does not fit it: a transform must keep each gradient's "
+            f"shape and dtype. Received: gradient of shape {shape} and dtype {dtype.name}"
+        )

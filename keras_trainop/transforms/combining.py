@@ -19,6 +19,7 @@ from keras_trainop.transforms.base import (
     deserialize_child,
     is_registered,
     matches,
+    run_transform,
     serialize_child,
     warn_unsaved,
 )
@@ -34,15 +35,16 @@ def _check_transform(name, value, allow_none=False):
     )
 
 
-def _run_child(transform, pairs):
-    """`transform(pairs)` as a dict from `id(variable)` to its output pair.
+def _run_child(transform, pairs, state):
+    """`transform` on `pairs`: a dict from `id(variable)` to its output pair, and its new state.
 
     A child may drop pairs, never return a variable it was not given (it would
     be lost here, and that variable would silently stop training).
     """
     given = {id(v) for _, v in pairs}
     out = {}
-    for g, v in transform(list(pairs)):
+    result, new_state = run_transform(transform, pairs, state)
+    for g, v in result:
         if id(v) not in given:
             raise ValueError(
                 f"The transform {transform!r} returned a pair for variable "
@@ -51,20 +53,7 @@ def _run_child(transform, pairs):
                 "variable for another object, such as `variable.value`)."
             )
         out[id(v)] = (g, v)
-    return out
-
-
-def _apply_to_subset(transform, grads_and_vars, selected):
-    """Runs `transform` on the selected pairs; the others stay where they were."""
-    subset = [p for p, keep in zip(grads_and_vars, selected) if keep]
-    out = _run_child(transform, subset) if transform is not None else {}
-    result = []
-    for pair, keep in zip(grads_and_vars, selected):
-        if not keep:
-            result.append(pair)
-        elif id(pair[1]) in out:
-            result.append(out[id(pair[1])])
-    return result
+    return out, new_state
 
 
 class _Combinator(GradientTransform):
@@ -79,6 +68,15 @@ class _Combinator(GradientTransform):
         for child in self.children():
             build_child(child, variables)
         super().build(variables)
+
+    def split_state(self, state):
+        """`state` (the values of `self.variables`) cut into the children's, in order."""
+        parts, start = [], 0
+        for child in self.children():
+            count = len(child_variables(child))
+            parts.append(list(state[start : start + count]))
+            start += count
+        return parts
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -106,10 +104,13 @@ class Chain(_Combinator):
     def children(self):
         return self.transforms
 
-    def call(self, grads_and_vars):
-        for transform in self.transforms:
-            grads_and_vars = list(transform(list(grads_and_vars)))
-        return grads_and_vars
+    def update(self, grads_and_vars, state):
+        new_state = []
+        for transform, child_state in zip(self.transforms, self.split_state(state)):
+            grads_and_vars, child_new = run_transform(transform, grads_and_vars, child_state)
+            grads_and_vars = list(grads_and_vars)
+            new_state += child_new
+        return grads_and_vars, new_state
 
     def get_config(self):
         saved = []
@@ -155,9 +156,18 @@ class Masked(_Combinator):
     def build(self, variables):
         super().build([v for v in variables if matches(self.mask, v)])
 
-    def call(self, grads_and_vars):
+    def update(self, grads_and_vars, state):
         selected = [matches(self.mask, v) for _, v in grads_and_vars]
-        return _apply_to_subset(self.transform, grads_and_vars, selected)
+        subset = [p for p, keep in zip(grads_and_vars, selected) if keep]
+        (child_state,) = self.split_state(state)
+        out, new_state = _run_child(self.transform, subset, child_state)
+        result = []
+        for pair, keep in zip(grads_and_vars, selected):
+            if not keep:
+                result.append(pair)  # the others stay where they were
+            elif id(pair[1]) in out:
+                result.append(out[id(pair[1])])
+        return result, new_state
 
     def get_config(self):
         return {"transform": serialize_child(self.transform, "The masked transform"),
@@ -252,14 +262,20 @@ class Partition(_Combinator):
                 build_child(transform, [v for v, lb in zip(variables, by_label) if lb == label])
         GradientTransform.build(self, variables)
 
-    def call(self, grads_and_vars):
+    def update(self, grads_and_vars, state):
         by_label = [self.label_of(v) for _, v in grads_and_vars]
-        out = {}
-        for label, transform in self.transforms.items():
+        labelled = [(label, t) for label, t in self.transforms.items() if t is not None]
+        out, new_state = {}, []
+        for (label, transform), child_state in zip(labelled, self.split_state(state)):
             group = [p for p, lb in zip(grads_and_vars, by_label) if lb == label]
-            if group and transform is not None:  # a frozen group adds nothing
-                out.update(_run_child(transform, group))
-        return [out[id(v)] for _, v in grads_and_vars if id(v) in out]
+            if not group:  # nothing to transform: its state stays
+                new_state += child_state
+                continue
+            child_out, child_new = _run_child(transform, group, child_state)
+            out.update(child_out)
+            new_state += child_new
+        # A frozen group (transform None) adds nothing: its pairs are dropped.
+        return [out[id(v)] for _, v in grads_and_vars if id(v) in out], new_state
 
     def get_config(self):
         return {

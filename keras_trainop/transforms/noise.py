@@ -44,8 +44,8 @@ class _Noise(GradientTransform):
         self.step = self.add_state("noise_step", "int64")
         super().build(variables)
 
-    def call(self, grads_and_vars):
-        step = tf.convert_to_tensor(self.step)
+    def update(self, grads_and_vars, state):
+        (step,) = state
         key = tf.random.experimental.stateless_fold_in(
             tf.constant([0, self.seed], tf.int64), step, alg=_ALG
         )
@@ -58,8 +58,7 @@ class _Noise(GradientTransform):
                 noise = self.sample(var.shape, seed) * stddev
                 grad = grad + tf.cast(noise, grad.dtype)
             result.append((grad, var))
-        self.step.assign_add(1)
-        return result
+        return result, [step + 1]
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
