@@ -338,6 +338,41 @@ def test_functional_all_names_a_single_layer_gradient(mode):
     assert int(opt.iterations) == 1
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_two_steps_sharing_an_optimizer_keep_their_own_failure_records(mode):
+    # Each step owns its record. Before, the record was the optimizer's: the
+    # second step's names overwrote the first's, and under XLA the first's
+    # failure blocked the second. Oracle: each step's own variable.
+    a, b = keras.Variable(np.ones(2, "float32"), name="a"), keras.Variable(np.ones(2, "float32"), name="b")
+    opt = keras.optimizers.SGD(0.1)
+    opt.build([a, b])
+    steps = {
+        v.name: kt.create_train_step(lambda x, v=v: tf.reduce_sum(v * x), opt, check_numerics="all",
+                                     variables_to_train=lambda v=v: [v])
+        for v in (a, b)
+    }
+    runs = {name: FUNCTIONAL_MODES[mode](step) for name, step in steps.items()}
+    bad, good = tf.constant([np.nan, 1.0]), tf.constant([1.0, 1.0])
+    raised = {}
+    for name in ("a", "b"):  # both fail before either is reported
+        try:
+            runs[name](bad)
+        except tf.errors.InvalidArgumentError as e:  # eager and graph: the step raises
+            raised[name] = e if isinstance(e, kt.NonFiniteError) else None
+    for name in ("a", "b"):
+        failure = raised.get(name)
+        if failure is None:  # in a graph or under XLA: the record says what failed
+            with pytest.raises(kt.NonFiniteError) as info:
+                kt.raise_if_failed(steps[name])
+            failure = info.value
+        assert failure.variables == [name]
+    runs["a"](good)
+    runs["b"](good)  # each record was cleared on its own: both apply
+    assert int(opt.iterations) == 2
+    np.testing.assert_allclose(a.numpy(), [0.9, 0.9])
+    np.testing.assert_allclose(b.numpy(), [0.9, 0.9])
+
+
 # -- huge but finite gradients ------------------------------------------------------------
 
 
