@@ -25,7 +25,6 @@ import argparse
 import os
 import statistics
 import subprocess
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -34,6 +33,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_trainop as kt  # noqa: E402
+from bench_overhead import BatchTimer  # noqa: E402
 
 BATCH = 128
 CLIP = 1.0
@@ -80,18 +80,6 @@ ROWS = [
     ('check_numerics="all" vs LossScaleOptimizer(Adam) float32', "kt_all", "keras_skip", 0.95),
     ("default options vs plain keras.Model", "kt_default", "plain", 1.01),
 ]
-
-
-class BatchTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._t)
 
 
 def build(model_name, variant, jit_auto):
