@@ -15,7 +15,7 @@ peer's.
 
 Usage:
     python benchmarks/bench_table.py [--rounds 10] [--steps 40] [--copies 2]
-        [--models mlp,deep] [--jit-auto]
+        [--models mlp,deep] [--rows 1,3] [--jit-auto]
 
 `--jit-auto` compiles every variant with `jit_compile="auto"` (on a GPU, Keras
 then turns XLA on by itself) instead of each row's own setting.
@@ -119,13 +119,16 @@ def main():
     parser.add_argument("--copies", type=int, default=2)
     parser.add_argument("--models", default="mlp,deep")
     parser.add_argument("--jit-auto", action="store_true")
+    parser.add_argument("--rows", default=None, help="comma-separated row numbers (1-based) to time")
     args = parser.parse_args()
     model_names = args.models.split(",")
+    rows = ROWS if args.rows is None else [ROWS[int(i) - 1] for i in args.rows.split(",")]
+    variants = [v for v in VARIANTS if any(v in (row[1], row[2]) for row in rows)]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.steps * BATCH, 784), dtype=np.float32)
     y = rng.integers(0, 10, size=(args.steps * BATCH,))
 
-    runs = [(m, v, c) for m in model_names for v in VARIANTS for c in range(args.copies)]
+    runs = [(m, v, c) for m in model_names for v in variants for c in range(args.copies)]
     models = {run: build(run[0], run[1], args.jit_auto) for run in runs}
     timers = {run: BatchTimer() for run in runs}
     for run in runs:  # warm-up: tracing and first-run costs
@@ -145,13 +148,13 @@ def main():
     header = "| what | " + " | ".join(model_names) + " | target |"
     print(header)
     print("|" + "---|" * (len(model_names) + 2))
-    for what, feature, peer, target in ROWS:
+    for what, feature, peer, target in rows:
         ratios = [figure(m, feature) / figure(m, peer) for m in model_names]
         cells = " | ".join(f"{r:.3f}" for r in ratios)
         print(f"| {what} | {cells} | <= {target:.2f} |")
     print()
     print("ms per step:", ", ".join(
-        f"{m}/{v} {figure(m, v) * 1e3:.2f}" for m in model_names for v in VARIANTS))
+        f"{m}/{v} {figure(m, v) * 1e3:.2f}" for m in model_names for v in variants))
 
 
 if __name__ == "__main__":

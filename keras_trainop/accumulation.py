@@ -1,13 +1,14 @@
 """Gradient accumulation: one update from the gradients of several micro-batches.
 
-With `gradient_accumulation_steps=k`, each step adds its (reduced, unscaled)
-gradients to a sum; every k-th step hands the mean of the k micro-batches on
-to the transforms and the optimizer, which apply it once, and the sum starts
-again from zero. With a mean loss over equal micro-batches, that mean is the
+With `gradient_accumulation_steps=k`, every step whose check passes either
+adds its (reduced, unscaled) gradients to the sums, or, at the k-th, hands the
+mean of the k micro-batches to the rest of the step (the transforms, the
+statistics, the optimizer), which applies it once, and the sums start again
+from zero. With a mean loss over equal micro-batches, that mean is the
 gradient of one batch k times larger, and the transforms (a clip by global
-norm, say) act on it, not on each micro-batch. Without control flow: the new
-sums are selected with `tf.where` (the step's commit writes them), and only
-the update waits for the k-th step.
+norm, say) act on it, not on each micro-batch. One `tf.cond(ready, update,
+add)` per step, as Keras's own `gradient_accumulation_steps`: the
+accumulating steps pay for the sums only.
 """
 
 import keras
@@ -55,37 +56,38 @@ class GradientAccumulator:
     def variables(self):
         return [] if self.count is None else self.sums + [self.count]
 
-    def add(self, grads_and_vars, ok):
-        """Adds a micro-batch's gradients, if `ok`, as values; assigns nothing.
+    def ready(self):
+        """Whether this micro-batch completes an update (bool scalar; read before `add` or `mean`)."""
+        return tf.convert_to_tensor(self.count) + 1 >= self.steps
 
-        Args:
-            grads_and_vars: the micro-batch's `(gradient, variable)` pairs, in
-                the order the accumulator was built for (None gradients stay
-                None: such a variable gets no update).
-            ok: bool scalar; False leaves the sums and the count as they were
-                (a non-finite micro-batch adds nothing).
+    def add(self, grads_and_vars):
+        """Adds a micro-batch's gradients to the sums (a step that does not update)."""
+        for (grad, _), acc in zip(grads_and_vars, self.sums):
+            if isinstance(grad, tf.IndexedSlices):
+                acc.assign(_add(tf.convert_to_tensor(acc), grad))
+            elif grad is not None:
+                acc.assign_add(tf.cast(grad, acc.dtype))
+        self.count.assign_add(1)
 
-        Returns:
-            `(pairs, ready, writes)`: the pairs with the mean gradient of the
-            micro-batches so far (the one to apply when `ready`); `ready`,
-            True at the k-th added micro-batch, where the sums start again
-            from zero; and the `(variable, new value)` writes of the sums and
-            the counter, for the step's commit.
+    def mean(self, grads_and_vars):
+        """The pairs with the mean gradient of the micro-batches, this one included.
+
+        None gradients stay None: such a variable gets no update.
         """
-        count = tf.convert_to_tensor(self.count)
-        added = count + 1
-        ready = tf.logical_and(ok, added >= self.steps)
-        writes = [(self.count, tf.where(ready, tf.zeros_like(count), tf.where(ok, added, count)))]
         pairs = []
         for (grad, var), acc in zip(grads_and_vars, self.sums):
             if grad is None:
                 pairs.append((None, var))
                 continue
-            current = tf.convert_to_tensor(acc)
-            total = _add(current, grad)
-            writes.append((acc, tf.where(ready, tf.zeros_like(current), tf.where(ok, total, current))))
+            total = _add(tf.convert_to_tensor(acc), grad)
             pairs.append((total / tf.cast(self.steps, total.dtype), var))
-        return pairs, ready, writes
+        return pairs
+
+    def reset(self):
+        """The sums and the counter start again from zero (after an update)."""
+        for acc in self.sums:
+            acc.assign(tf.zeros_like(acc))
+        self.count.assign(0)
 
 
 def _add(dense, grad):

@@ -1,19 +1,18 @@
 """The commit: a step's only writes, under its one decision.
 
-The stages before it computed values. The commit writes them:
-
-- the update, when the step applies: the update ops, the optimizer's
-  `apply_gradients`, and a `global_step` variable's increment;
-- the transforms' new state, selected with `tf.where` (it moves only when the
-  update is applied) and the gradient sums and counter of accumulation;
-- when the check failed: the failure record, the skip policy's counters, and
-  what the forward pass wrote (BatchNormalization statistics) put back.
+The stages before it computed values; `update` is what a kept step writes:
+the transforms' new state, the update ops, the optimizer's
+`apply_gradients` and a `global_step` variable's increment (with
+accumulation: the sums, or, every k-th step, the rest of the step on their
+mean). A failed check writes instead the failure record, the skip policy's
+counters, and puts back what was written outside the commit (what the forward
+pass wrote: BatchNormalization statistics).
 
 How the update is held back depends on the policy and the mode:
 
-- no check: it runs (under `tf.cond(ready)` when accumulating);
+- no check: it runs;
 - skip policy, and any policy under XLA (where `Assert` is dropped): one
-  `tf.cond(gate, apply, reject)`. Under XLA the gate also stays shut after a
+  `tf.cond(kept, update, reject)`. Under XLA the gate also stays shut after a
   failure until the host has read the record, so no later step of the same
   call applies;
 - raise policy in eager and graph mode: an in-graph `Assert` of the verdict,
@@ -39,31 +38,6 @@ def all_of(*flags):
     return functools.reduce(tf.logical_and, flags) if flags else None
 
 
-class Decision:
-    """What a step's commit decides on.
-
-    Args:
-        verdict: the check's `Verdict`, or None without `check_numerics`.
-        ready: with accumulation, whether this step updates (else None).
-        finite: with a loss-scale optimizer that is handed unscaled values,
-            whether what it gets is finite: it skips the update otherwise.
-    """
-
-    def __init__(self, verdict=None, ready=None, finite=None):
-        self.verdict = verdict
-        self.ready = ready
-        self.finite = finite
-
-    @property
-    def ok(self):
-        return None if self.verdict is None else self.verdict.ok
-
-    @property
-    def applies(self):
-        """Whether the optimizer's update will be applied (None: always)."""
-        return all_of(self.ok, self.ready, self.finite)
-
-
 class Commit:
     """Writes one step's results for a pipeline.
 
@@ -78,55 +52,41 @@ class Commit:
         self.optimizer = optimizer
         self.record = record
 
-    def __call__(self, decision, step, grads_and_vars, state, sums, forward, names):
+    def __call__(self, verdict, step, update, args, put_back=(), names=(), on_kept=None, aux=None):
         """The writes of one step. Returns 1.0 if it was skipped, else 0.0 (float32).
 
         Args:
-            decision: the step's `Decision`.
+            verdict: the check's `Verdict`, or None without `check_numerics`.
             step: int64 scalar, the number of this update.
-            grads_and_vars: the pairs to apply.
-            state: `(variable, value before, new value)` of the transforms' state.
-            sums: `(variable, new value)` of the accumulation's sums.
-            forward: `(variable, value before the forward pass)` to put back on failure.
+            update: callable writing what a kept step writes, from `args`.
+            args: the tensors `update` works on. Under a strategy the update
+                may run once per replica: what it reads travels in `args`.
+            put_back: `(variable, value)` pairs to assign if the check fails.
             names: the `variable.path` of each checked gradient, for the error.
+            on_kept, aux: with the skip policy, `on_kept(aux)` runs only in a
+                kept step (the model's metrics: a skipped batch stays out of
+                them), in the same cond as the update.
         """
-        in_xla = private.in_xla_context()
-        policy = self.options.numerics
-        skip_or_xla = self.record is not None and (policy.skip or in_xla)
-        gate = decision.ok
-        if skip_or_xla and in_xla:
-            # Nothing raises inside XLA: no later step of the same call may
-            # apply until the caller has read the record.
-            gate = tf.logical_and(gate, tf.equal(self.record.failed_step, 0))
-        applies = all_of(gate, decision.ready, decision.finite)
-        for var, value in sums:
-            var.assign(value)
-        # The transforms' state moves only with an applied update. (A transform
-        # that assigns its own state has already: this puts it back.)
-        state_written = [
-            var.assign(new if applies is None else tf.where(applies, new, before))
-            for var, before, new in state
-        ]
         if self.record is None:
-            self._update(grads_and_vars, decision.ready)
+            update(*args)
             return tf.constant(0.0)
         self.record.names = list(names)
-        if skip_or_xla:
-            return self._gated(decision, gate, step, grads_and_vars, forward, in_xla)
-        return self._asserted(decision, step, grads_and_vars, forward, state_written)
+        in_xla = private.in_xla_context()
+        if self.options.numerics.skip or in_xla:
+            return self._gated(verdict, step, update, args, put_back, in_xla, on_kept, aux)
+        return self._asserted(verdict, step, update, args, put_back)
 
-    # -- the update --------------------------------------------------------
+    def apply(self, grads_and_vars, state=(), finite=None):
+        """What an applied update writes: the transforms' state, the update ops, the optimizer, the global step.
 
-    def _update(self, grads_and_vars, ready=None):
-        """The update ops, the optimizer's update and the global step; every k-th step with accumulation."""
-        if ready is None:
-            self._apply(grads_and_vars)
-        else:
-            # A cond: the optimizer's update is the expensive part, and it
-            # changes its own state.
-            replicas.replica_cond(ready, self._apply, lambda *a: None, (grads_and_vars,))
-
-    def _apply(self, grads_and_vars):
+        Args:
+            grads_and_vars: the pairs to apply.
+            state: `(variable, value before, new value)` of the transforms' state.
+            finite: with a loss-scale optimizer, whether what it gets is
+                finite (it skips the update otherwise, and the state stays).
+        """
+        for var, before, new in state:
+            var.assign(new if finite is None else tf.where(finite, new, before))
         outputs = [op() for op in self.options.update_ops]
         with tf.control_dependencies(_control_inputs(outputs)):
             counter = self.options.global_step
@@ -142,21 +102,27 @@ class Commit:
 
     # -- skip policy, and XLA: one cond -----------------------------------------
 
-    def _gated(self, decision, gate, step, grads_and_vars, forward, in_xla):
+    def _gated(self, verdict, step, update, args, put_back, in_xla, on_kept, aux):
         policy, record = self.options.numerics, self.record
-        verdict = decision.verdict
         merge = private.needs_merge_call()
+        gate = verdict.ok
+        if in_xla:
+            # Nothing raises inside XLA: no later step of the same call may
+            # apply until the caller has read the record.
+            gate = tf.logical_and(gate, tf.equal(record.failed_step, 0))
         flags = verdict.checked[0] if verdict.checked is not None else tf.constant(True)
-        restored = [v for v, _ in forward]
+        restored = [v for v, _ in put_back]
 
-        def apply(grads_and_vars, saved, loss_ok, ok, flags):
+        def keep(args, saved, loss_ok, ok, flags, aux):
             del saved, loss_ok, ok, flags
-            self._update(grads_and_vars, decision.ready)
+            update(*args)
+            if on_kept is not None:
+                on_kept(aux)
             if policy.skip:
                 record.consecutive.assign(0)
 
-        def reject(grads_and_vars, saved, loss_ok, ok, flags):
-            del grads_and_vars
+        def reject(args, saved, loss_ok, ok, flags, aux):
+            del args, aux
             for var, value in zip(restored, saved):
                 var.assign(value)
             failed = tf.logical_not(ok)  # False for a step blocked by an earlier failure
@@ -177,8 +143,8 @@ class Commit:
 
         # Under a strategy each branch runs once per replica: everything it
         # reads travels as an argument, never through a closure.
-        args = (grads_and_vars, tuple(s for _, s in forward), verdict.loss_ok, verdict.ok, flags)
-        replicas.replica_cond(gate, apply, reject, args)
+        branch_args = (tuple(args), tuple(s for _, s in put_back), verdict.loss_ok, verdict.ok, flags, aux)
+        replicas.replica_cond(gate, keep, reject, branch_args)
         if not in_xla and policy.skip and policy.max_consecutive is not None:
             with tf.control_dependencies([tf.convert_to_tensor(record.consecutive)]):
                 failures.assertion(
@@ -189,20 +155,19 @@ class Commit:
 
     # -- raise policy, eager and graph: an assertion the update's writes wait for ----
 
-    def _asserted(self, decision, step, grads_and_vars, forward, state_written):
-        record, verdict = self.record, decision.verdict
-        ok = verdict.ok
+    def _asserted(self, verdict, step, update, args, put_back):
+        record, ok = self.record, verdict.ok
         flags = verdict.checked[0] if verdict.checked is not None else tf.constant(True)
         if not private.needs_merge_call():
             # No tf.cond on the way to the update (it would add its latency to
-            # every step): the record and the forward pass's state are written
-            # with `where`, a few cheap ops.
+            # every step): the record and what is put back are written with
+            # `where`, a few cheap ops.
             bad = self._bad_in_name_order(verdict, flags, merge=False)
             ops = record.write(tf.logical_not(ok), step, failures.cause(verdict.loss_ok, bad), bad)
-            ops += [var.assign(tf.where(ok, tf.convert_to_tensor(var), saved)) for var, saved in forward]
-            failure = tf.group(ops + state_written)
+            ops += [var.assign(tf.where(ok, tf.convert_to_tensor(var), saved)) for var, saved in put_back]
+            failure = tf.group(ops)
         else:
-            restored = [v for v, _ in forward]
+            restored = [v for v, _ in put_back]
 
             def reject(saved, loss_ok, ok, flags):
                 for var, value in zip(restored, saved):
@@ -212,13 +177,13 @@ class Commit:
 
             # Writing the record syncs replicas: not inside a replica-context
             # cond. Each branch runs per replica, on its arguments.
-            args = (tuple(s for _, s in forward), verdict.loss_ok, ok, flags)
-            replicas.cross_replica_cond(ok, lambda *a: None, reject, args)
-            failure = tf.group([record.failed_step.read_value()] + state_written)
+            branch_args = (tuple(s for _, s in put_back), verdict.loss_ok, ok, flags)
+            replicas.cross_replica_cond(ok, lambda *a: None, reject, branch_args)
+            failure = record.failed_step.read_value()
         # A failed step stops here, before any state change of the update.
         with tf.control_dependencies([failure]):
             check = failures.assertion(ok, step)
-        gating.run_after(check, self._update, (grads_and_vars, decision.ready))
+        gating.run_after(check, update, args)
         return tf.constant(0.0)
 
     def _bad_in_name_order(self, verdict, flags, merge):

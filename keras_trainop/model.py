@@ -29,11 +29,6 @@ def _unscale_for_distribution(loss):
     return loss * tf.cast(replicas, loss.dtype) if replicas > 1 else loss
 
 
-def _then(fn, value):
-    fn()
-    return tf.constant(value)
-
-
 class TrainOpModel:
     """Mixin that gives a Keras model TF1's `create_train_op` training options.
 
@@ -224,8 +219,11 @@ class TrainOpModel:
         """
         return self._minimize(loss_fn)[0]
 
-    def _minimize(self, loss_fn):
-        """`minimize`, also returning the 1.0 / 0.0 "skipped" flag of the step."""
+    def _minimize(self, loss_fn, on_kept=None):
+        """`minimize`, also returning the 1.0 / 0.0 "skipped" flag of the step.
+
+        `on_kept(aux)`, with the skip policy: run only by a step that is not skipped.
+        """
 
         def forward():
             result = loss_fn()
@@ -237,6 +235,7 @@ class TrainOpModel:
             forward,
             candidates=lambda: self._selected_variables(),
             state_variables=self.non_trainable_weights,
+            on_kept=on_kept,
         )
         # A model built by its first step has just built its transforms too.
         self._track_step_state()
@@ -256,21 +255,23 @@ class TrainOpModel:
             else:
                 y_pred = self(x)
             loss = private.compute_loss(self, x, y, y_pred, sample_weight)
-            return loss, (y_pred, loss)
+            # What the metrics read travels with the step (under a strategy,
+            # per replica), not through this closure.
+            return loss, (x, y, sample_weight, y_pred, loss)
 
-        (y_pred, loss), skipped = self._minimize(loss_fn)
-
-        def update_metrics():
+        def update_metrics(aux):
+            x, y, sample_weight, y_pred, loss = aux
             private.loss_tracker(self).update_state(
                 _unscale_for_distribution(loss), sample_weight=_batch_size(x)
             )
             return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
         if not self.train_options.numerics.skip:
-            return update_metrics()
-        # A skipped batch stays out of the loss and the metrics: one nan would
-        # otherwise turn the epoch's mean into nan.
-        tf.cond(skipped > 0, lambda: tf.constant(0), lambda: _then(update_metrics, 0))
+            return update_metrics(self._minimize(loss_fn)[0])
+        # A skipped batch stays out of the loss and the metrics (one nan would
+        # turn the epoch's mean into nan): the step's commit updates them in
+        # the same cond as the update, only for a kept step.
+        self._minimize(loss_fn, on_kept=update_metrics)
         return self.get_metrics_result()
 
     @property

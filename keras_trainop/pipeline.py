@@ -34,7 +34,7 @@ from keras_trainop import gradients as gradients_lib
 from keras_trainop import replicas
 from keras_trainop import summaries
 from keras_trainop.accumulation import GradientAccumulator
-from keras_trainop.commit import Commit, Decision
+from keras_trainop.commit import Commit, all_of
 from keras_trainop.failures import FailureRecord
 from keras_trainop.optimizers import is_loss_scale_optimizer, own_accumulation_steps
 from keras_trainop.options import USE_GLOBAL_STEP
@@ -46,6 +46,7 @@ from keras_trainop.transforms.base import (
     map_values,
     read_state,
     run_transform,
+    self_written_variables,
 )
 from keras_trainop.variables import select_variables
 
@@ -143,7 +144,7 @@ class StepPipeline:
 
     # -- the step ---------------------------------------------------------
 
-    def run(self, forward, candidates=None, state_variables=()):
+    def run(self, forward, candidates=None, state_variables=(), on_kept=None):
         """Runs one step: forward, gradients, update.
 
         Args:
@@ -156,6 +157,8 @@ class StepPipeline:
             state_variables: non-trainable variables that `forward` may change
                 (e.g. BatchNormalization statistics); put back if the step's
                 check fails.
+            on_kept: with the skip policy, a callable of `aux` run only by a
+                step that is not skipped (the model's metrics), or None.
 
         Returns:
             `(aux, skipped)`: forward's aux output, and a float32 scalar that is
@@ -177,10 +180,12 @@ class StepPipeline:
         grads = gradients_lib.compute_gradients(
             tape, scaled_loss, variables, self.options, self.warned
         )
-        skipped = self.update(loss, list(zip(grads, variables)), list(zip(forward_state, saved)))
+        skipped = self.update(
+            loss, list(zip(grads, variables)), list(zip(forward_state, saved)), on_kept=on_kept, aux=aux
+        )
         return aux, skipped
 
-    def update(self, loss, grads_and_vars, forward_state=()):
+    def update(self, loss, grads_and_vars, forward_state=(), on_kept=None, aux=None):
         """The stages after the gradients, and the commit.
 
         Args:
@@ -188,6 +193,8 @@ class StepPipeline:
             grads_and_vars: `(gradient, variable)` pairs of the scaled loss.
             forward_state: `(variable, value before the forward pass)` pairs
                 to put back if the check fails.
+            on_kept, aux: with the skip policy, `on_kept(aux)` runs only in a
+                step that is not skipped.
 
         Returns:
             A float32 scalar: 1.0 if the step was skipped, else 0.0.
@@ -198,19 +205,19 @@ class StepPipeline:
         raw = self.reduce(grads_and_vars)
         grads, scale = self.unscale(raw)
         verdict = self.check(loss, raw)
-        grads, ready, sums = self.accumulate(grads, verdict)
-        finite = None if scale is None else finiteness.all_finite(
-            [summaries.gradient_values(g) for g, _ in (raw if ready is None else grads) if g is not None]
-        )
-        decision = Decision(verdict, ready, finite)
-        before = grads
-        grads, state = self.transform(grads, variables)
-        self.observe(step, before, grads, decision)
-        grads = self.rescale(grads, scale, finite)
+        put_back = list(forward_state)
+        if self.accumulator is None:
+            # The rest of the step as values, before the decision.
+            grads, state, finite = self.finish(step, raw, grads, scale, verdict)
+            put_back += [(v, before) for v, before, _ in state if self._writes_own_state(v)]
+            update, args = self.commit.apply, (grads, state, finite)
+        else:
+            # Every k-th kept step runs the rest of the step on the mean.
+            update, args = self._accumulate, (grads, scale, step)
         names = [] if self.failures is None or is_loss_scale_optimizer(self.optimizer) else [
             summaries.variable_name(v) for v in variables
         ]
-        return self.commit(decision, step, grads, state, sums, forward_state, names)
+        return self.commit(verdict, step, update, args, put_back, names, on_kept, aux)
 
     # -- the stages -------------------------------------------------------
 
@@ -272,16 +279,41 @@ class StepPipeline:
         checked = [] if is_loss_scale_optimizer(self.optimizer) else [g for g, _ in raw]
         return finiteness.verdict(self.options.numerics, loss, checked)
 
-    def accumulate(self, grads_and_vars, verdict):
-        """`(pairs, ready, sums)`: the mean so far, whether it is applied now, the sums to write."""
-        if self.accumulator is None:
-            return grads_and_vars, None, []
-        ok = tf.constant(True) if verdict is None else verdict.ok
-        return self.accumulator.add(grads_and_vars, ok)
+    def finish(self, step, raw, grads_and_vars, scale, verdict=None):
+        """The stages after the check, as values: `(pairs to apply, transform state, finite)`.
 
-    def transform(self, grads_and_vars, variables):
+        `finite`: with a loss-scale optimizer, whether what it gets is finite
+        (None otherwise). The statistics record an update only if it applies.
+        """
+        finite = None if scale is None else finiteness.all_finite(
+            [summaries.gradient_values(g) for g, _ in raw if g is not None]
+        )
+        transformed, state = self.transform(grads_and_vars)
+        ok = None if verdict is None else verdict.ok
+        self.observe(step, grads_and_vars, transformed, applies=all_of(ok, finite))
+        return self.rescale(transformed, scale, finite), state, finite
+
+    def _accumulate(self, grads_and_vars, scale, step):
+        """A kept step with accumulation: adds to the sums, or, every k-th, updates from their mean."""
+        accumulator = self.accumulator
+
+        def update(grads_and_vars, step):
+            mean = accumulator.mean(grads_and_vars)
+            # Under a loss-scale optimizer the accumulated gradient is checked:
+            # one overflow among the k micro-batches skips the update.
+            grads, state, finite = self.finish(step, mean, mean, scale)
+            self.commit.apply(grads, state, finite)
+            accumulator.reset()
+
+        def add(grads_and_vars, step):
+            del step
+            accumulator.add(grads_and_vars)
+
+        replicas.replica_cond(accumulator.ready(), update, add, (grads_and_vars, step))
+
+    def transform(self, grads_and_vars):
         """The transforms in order: the pairs to apply, and `(variable, before, new)` of their state."""
-        allowed = {id(v) for v in variables}
+        allowed = {id(v) for _, v in grads_and_vars}
         state = []
         for i, transform in enumerate(self.options.transforms):
             state_variables = child_variables(transform)
@@ -296,15 +328,19 @@ class StepPipeline:
             state += zip(state_variables, before, new)
         return grads_and_vars, state
 
-    def observe(self, step, before, after, decision):
+    def _writes_own_state(self, variable):
+        """Whether `variable` belongs to a transform that assigns it itself (the older protocol)."""
+        return id(variable) in {id(v) for t in self.options.transforms for v in self_written_variables(t)}
+
+    def observe(self, step, before, after, applies=None):
         """Statistics for the summaries and the callbacks (a step not applied records nothing)."""
         if self.options.summarize_gradients and SUMMARIES not in self.recorder.readers:
-            self._summarize(after, step, decision.ready)
+            self._summarize(after, step)
         # A step that is not applied is not recorded: its number is the next
         # applied update's.
         self.recorder.record(
             step, self._summary_step(step), before, after, bool(self.options.transforms),
-            applies=decision.applies,
+            applies=applies,
         )
 
     def rescale(self, grads_and_vars, scale, finite):
@@ -332,7 +368,7 @@ class StepPipeline:
             return tf.cast(tf.convert_to_tensor(counter), tf.int64) + 1
         return step
 
-    def _summarize(self, grads_and_vars, step, ready):
+    def _summarize(self, grads_and_vars, step):
         """`summarize_gradients` in the functional API (a model's step records instead)."""
         if private.in_xla_context():
             gradients_lib.warn_once(
@@ -345,13 +381,7 @@ class StepPipeline:
                 "in every mode.",
             )
             return
-        step = self._summary_step(step)
-        if ready is None:
-            summaries.add_gradients_summaries(grads_and_vars, step=step)
-            return
-        # Accumulating: only the step that updates writes.
-        with tf.summary.record_if(tf.logical_and(tf.summary.should_record_summaries(), ready)):
-            summaries.add_gradients_summaries(grads_and_vars, step=step)
+        summaries.add_gradients_summaries(grads_and_vars, step=self._summary_step(step))
 
 
 def _check_optimizer_accumulation(options, optimizer, warned):

@@ -123,6 +123,23 @@ def read_state(variables):
     return [tf.convert_to_tensor(v) for v in variables]
 
 
+def self_written_variables(transform):
+    """The state variables a transform assigns itself (the older protocol), not through `update`.
+
+    A plain function or object with `variables`, or a `GradientTransform`
+    that keeps state but implements only `call`. keras_trainop puts them back
+    when a step is not applied.
+    """
+    if not isinstance(transform, GradientTransform):
+        return child_variables(transform)
+    children = getattr(transform, "children", None)
+    if callable(children):
+        return [v for child in children() for v in self_written_variables(child)]
+    if type(transform).update is GradientTransform.update:
+        return transform.variables
+    return []
+
+
 def run_transform(transform, grads_and_vars, state):
     """`(pairs, new_state)` of any transform: a `GradientTransform`'s `update`, else a call.
 
