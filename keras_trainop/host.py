@@ -20,6 +20,7 @@ the same callbacks traces nothing again.
 
 import tensorflow as tf
 
+from keras_trainop import _keras_private as private
 from keras_trainop.telemetry import RingBuffer
 
 
@@ -111,9 +112,28 @@ class HostedTrainFunction:
             return function(iterator)
         logs = record.call_translating(function, iterator)
         if self.model.jit_compile and not self.model.run_eagerly:
-            # Under XLA the in-graph Assert is dropped: read the record instead.
-            record.raise_if_failed()
+            # Under XLA the in-graph Assert is dropped: the step hands the
+            # record's step back with its logs; the host reads the whole
+            # record only after a failure (or from a train_step of the user's).
+            failed = logs.pop(FAILED_STEP, None) if isinstance(logs, dict) else None
+            if failed is None or int(failed):
+                record.raise_if_failed()
         return logs
+
+
+FAILED_STEP = "keras_trainop_failed_step"
+
+
+def with_failure_record(logs, pipeline):
+    """The step's logs, under XLA with the failure record's step (0: none), for the host.
+
+    Reading it from the logs costs the host nothing; reading the variable
+    after every call would be one more operation per call.
+    """
+    record = pipeline.failures
+    if record is None or not private.in_xla_context() or not isinstance(logs, dict):
+        return logs
+    return dict(logs, **{FAILED_STEP: tf.convert_to_tensor(record.failed_step)})
 
 
 def make(model, make_keras_train_function):

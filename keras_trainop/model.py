@@ -267,12 +267,14 @@ class TrainOpModel:
             return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
         if not self.train_options.numerics.skip:
-            return update_metrics(self._minimize(loss_fn)[0])
-        # A skipped batch stays out of the loss and the metrics (one nan would
-        # turn the epoch's mean into nan): the step's commit updates them in
-        # the same cond as the update, only for a kept step.
-        self._minimize(loss_fn, on_kept=update_metrics)
-        return self.get_metrics_result()
+            logs = update_metrics(self._minimize(loss_fn)[0])
+        else:
+            # A skipped batch stays out of the loss and the metrics (one nan
+            # would turn the epoch's mean into nan): the step's commit updates
+            # them in the same cond as the update, only for a kept step.
+            self._minimize(loss_fn, on_kept=update_metrics)
+            logs = self.get_metrics_result()
+        return host.with_failure_record(logs, self.train_pipeline)
 
     @property
     def metrics(self):
