@@ -325,3 +325,89 @@ def test_a_chain_leaves_out_what_cannot_be_saved_and_masked_refuses():
     assert [type(t) for t in restored.transforms] == [T.ClipByNorm]
     with pytest.raises(ValueError, match="The masked transform .* cannot be saved"):
         T.masked(lambda gv: gv, "kernel").get_config()
+
+
+# -- a transform of the user's with state ----------------------------------------------
+#
+# The protocol: build() creates the state, update(pairs, state) returns the new
+# pairs and the new state, and keras_trainop writes the state only when the
+# step's update is applied. The older protocol (call() assigning its own state)
+# still works: the state is put back when the step is not applied.
+
+
+class CountingScale(T.GradientTransform):
+    """Counts applied steps in its state and scales each gradient by 1 / (1 + count)."""
+
+    def build(self, variables):
+        self.count = self.add_state("count", "float32")
+        super().build(variables)
+
+    def update(self, grads_and_vars, state):
+        (count,) = state
+        factor = 1.0 / (1.0 + count)
+        return [(None if g is None else g * factor, v) for g, v in grads_and_vars], [count + 1.0]
+
+
+class AssigningCountingScale(T.GradientTransform):
+    """The same, the older way: `call` assigns the state itself."""
+
+    def build(self, variables):
+        self.count = self.add_state("count", "float32")
+        super().build(variables)
+
+    def call(self, grads_and_vars):
+        factor = 1.0 / (1.0 + tf.convert_to_tensor(self.count))
+        self.count.assign_add(1.0)
+        return [(None if g is None else g * factor, v) for g, v in grads_and_vars]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("make", [CountingScale, AssigningCountingScale], ids=["update", "call"])
+def test_a_stateful_transform_of_the_users_moves_only_with_applied_steps(make, mode):
+    # Oracle: the same model trained with a stateless transform that scales
+    # the k-th applied step by 1 / k, on the good batches only.
+    x, y = regression_data()
+    bad_y = y.copy()
+    bad_y[BATCH + 1] = np.nan  # the second batch is skipped
+    transform = make()
+    ours = mlp(kt.Model)
+    ours.compile(keras.optimizers.SGD(0.1), "mse", grad_transforms=[transform],
+                 check_numerics="skip", **mode_kwargs(mode))
+    fit(ours, x, bad_y)
+    assert float(transform.count.numpy()) == len(x) // BATCH - 1  # the skipped step did not count
+
+    applied = tf.Variable(0.0)
+
+    def by_position(grads_and_vars):
+        factor = 1.0 / (1.0 + applied)
+        applied.assign_add(1.0)
+        return [(g * factor, v) for g, v in grads_and_vars]
+
+    keep = np.r_[0:BATCH, 2 * BATCH : len(x)]
+    reference = mlp(kt.Model)
+    reference.compile(keras.optimizers.SGD(0.1), "mse", grad_transforms=[by_position],
+                      check_numerics=False, **mode_kwargs(mode))
+    fit(reference, x[keep], y[keep])
+    assert max_abs_diff(ours.get_weights(), reference.get_weights()) <= 1e-6
+
+
+def test_a_stateful_transform_called_on_its_own_writes_its_state():
+    transform = CountingScale()
+    v = tf.Variable([1.0])
+    (g, _), = transform([(tf.constant([2.0]), v)])
+    (h, _), = transform([(tf.constant([2.0]), v)])
+    np.testing.assert_allclose([g.numpy()[0], h.numpy()[0]], [2.0, 1.0])
+    assert float(transform.count.numpy()) == 2.0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("make", [CountingScale, AssigningCountingScale], ids=["update", "call"])
+def test_a_blocked_step_leaves_a_users_transform_state_unchanged(make, mode):
+    x, y = regression_data()
+    y[BATCH + 1] = np.nan  # the second step's loss is NaN: the step raises
+    transform = make()
+    model = mlp(kt.Model)
+    model.compile(keras.optimizers.SGD(0.1), "mse", grad_transforms=[transform], **mode_kwargs(mode))
+    with pytest.raises(kt.NonFiniteError, match="at step 2"):
+        fit(model, x, y)
+    assert float(transform.count.numpy()) == 1.0
