@@ -6,6 +6,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import textwrap
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -106,3 +107,47 @@ def test_migration_guide_snippets_run(tmp_path):
     )
     out = run_script(script, TMPDIR=str(tmp_path))  # the snippets' log_dir goes there
     assert f"snippet {len(snippets) - 1} ran" in out
+
+
+def python_blocks(path):
+    return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+
+
+def test_the_readmes_first_example_runs_as_pasted_and_survives_saving(tmp_path):
+    # The first block of README.md, as a user would paste it, in a fresh directory.
+    first = python_blocks(ROOT / "README.md")[0]
+    script = tmp_path / "first_example.py"
+    script.write_text(first)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", str(script)],  # no "cannot be saved" warning
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[ClipByGlobalNorm(clip_norm=1.0)]"
+    assert (tmp_path / "model.keras").exists()
+    assert list((tmp_path / "logs" / "train").glob("events.out.tfevents.*"))
+
+
+def test_the_transform_guides_stateful_example_trains_and_saves(tmp_path):
+    # docs/transforms.md: the user-defined stateful transform, in a model that saves and loads it.
+    (block,) = [b for b in python_blocks(ROOT / "docs" / "transforms.md") if "class ScaleByRunningNorm" in b]
+    script = tmp_path / "own_transform.py"
+    script.write_text(textwrap.dedent(block) + '''
+import numpy as np
+
+x = np.random.default_rng(0).standard_normal((256, 4)).astype("float32")
+y = x.sum(axis=1, keepdims=True)
+transform = ScaleByRunningNorm(decay=0.5)
+model = kt.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+model.compile("sgd", "mse", grad_transforms=[transform])
+model.fit(x, y, batch_size=32, verbose=0)
+path = __file__.replace(".py", ".keras")  # next to the script, in the test's directory
+model.save(path)
+loaded = keras.saving.load_model(path)
+(restored,) = loaded.train_options.transforms
+print("state", float(transform.mean.numpy()), float(restored.mean.numpy()), restored.decay)
+''')
+    out = run_script(script, timeout=240)
+    _, kept, restored, decay = out.strip().splitlines()[-1].split()
+    assert kept == restored and float(kept) != 1.0 and decay == "0.5"

@@ -11,10 +11,10 @@ For every transform, with random valid arguments, the properties are:
 
 - structure: the same variables in the same order (or the documented subset),
   None stays None, IndexedSlices stay IndexedSlices (same indices and
-  dense_shape) where README's table says sparse is kept, dense gradients keep
+  dense_shape) where docs/transforms.md's table says sparse is kept, dense gradients keep
   shape and dtype;
 - finiteness: no NaN or inf from finite input;
-- the documented formula (README's table), with NumPy in float64 as the
+- the documented formula (docs/transforms.md's table), with NumPy in float64 as the
   oracle, and the invariant it implies (a clipped norm is at most the bound...).
 
 The eager tests run many examples; the same checks run under
@@ -154,7 +154,7 @@ def densified(p, values):
 
 
 def unit_axes(rank):
-    """README: the unit of AGC and centralize is the last axis; rank <= 1 is one unit."""
+    """docs/transforms.md: the unit of AGC and centralize is the last axis; rank <= 1 is one unit."""
     return tuple(range(rank)) if rank <= 1 else tuple(range(rank - 1))
 
 
@@ -513,7 +513,7 @@ def partition_case(draw, pairs):
 
 
 def noise_oracle(pairs):
-    """README: noise on every element, so IndexedSlices become dense; values random."""
+    """docs/transforms.md: noise on every element, so IndexedSlices become dense; values random."""
     return [densified(p, None) for p in pairs]
 
 
@@ -582,7 +582,7 @@ def test_transform_properties_under_xla(name, pairs, data):
 
 def multiply_test(pairs, data, mode):
     case, errors = data.draw(multiply_case(pairs), label="multiply")
-    if errors:  # README: a multiplier for a None gradient is an error, as in TF1
+    if errors:  # docs/transforms.md: a multiplier for a None gradient is an error, as in TF1
         match = f"multiple of `None` gradient for variable '{name_of(errors[0])}'"
         with pytest.raises(ValueError, match=match):
             check_case(case, pairs, mode)
@@ -606,7 +606,7 @@ def test_multiply_properties_under_xla(pairs, data):
 
 
 def adaptive_test(pairs, data, mode):
-    """Each step: the state follows README's moving averages, and the output is
+    """Each step: the state follows docs/transforms.md's moving averages, and the output is
     `g` when `N < exp(mean + std_factor * std)`, else `g * exp(mean) / N`, then at
     most `static_max_norm`. The state is float32, so a norm within float32
     rounding of the threshold may take either branch."""
@@ -660,7 +660,7 @@ def adaptive_test(pairs, data, mode):
         else:
             raise AssertionError(f"step {k}: no factor in {factors} matches: {errors}")
         out_norm, rtol = global_norm(result), max(RTOL[widest(grads)], 1e-5)
-        if std_factor >= 0:  # README: clipped to exp(mean) <= max_norm
+        if std_factor >= 0:  # docs/transforms.md: clipped to exp(mean) <= max_norm
             assert out_norm <= math.exp(log_max + margin) * (1 + rtol) + 1e-18, (out_norm, log_max)
         if static_max_norm is not None:
             assert out_norm <= static_max_norm * (1 + rtol), out_norm

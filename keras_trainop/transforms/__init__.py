@@ -3,7 +3,7 @@
 Each transform has TF1's `transform_grads_fn` contract (a list of
 `(gradient, variable)` pairs in, a new list out) and goes into
 `compile(grad_transforms=[...])`, `transform_grads_fn=` or the functional
-API. See README.md, "Gradient transforms", for the table of formulas and
+API. See docs/transforms.md for the table of formulas and
 sparse support.
 """
 
