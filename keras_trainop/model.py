@@ -118,21 +118,34 @@ class TrainOpModel:
             global_step=global_step,
             gradient_accumulation_steps=gradient_accumulation_steps,
         )
-        selected = None
-        if self.built and (variables_to_train is not None or self.trainable_variables):
-            # Resolved before anything changes, so that a bad selection leaves
-            # the previous compiled state as it was. An unbuilt model resolves
-            # it when its first step is traced; a frozen model compiled only
-            # for `evaluate` has nothing to resolve.
-            selected = select_variables(
-                options.variables_to_train,
-                self.trainable_variables,
-                self.trainable_variables,
-                self._owner_name(),
-            )
+        # Resolved before anything changes, so that a bad selection leaves the
+        # previous compiled state as it was.
+        selected = self._resolve_selection(options)
         super().compile(*args, **kwargs)
         # Keras 3.15's own `fit` fails under a multi-worker strategy.
         private.patch_fit_for_strategy(self.distribute_strategy)
+        self.train_options = options
+        self.train_pipeline = self._make_pipeline(options, selected)
+        self._track_step_state()
+        if getattr(self, "train_metrics", None) is None:
+            self.train_metrics = StepMetrics()
+        if options.numerics.skip and self.train_metrics.skipped_steps is None:
+            # Reset each epoch, shown in the progress bar and History.
+            self.train_metrics.skipped_steps = keras.metrics.Sum(name="skipped_steps")
+
+    def _resolve_selection(self, options):
+        """The variables to train, for a built model (None: resolved at the first step).
+
+        An unbuilt model resolves them when its first step is traced; a frozen
+        model compiled only for `evaluate` has nothing to resolve.
+        """
+        if not self.built or (options.variables_to_train is None and not self.trainable_variables):
+            return None
+        return select_variables(
+            options.variables_to_train, self.trainable_variables, self.trainable_variables, self._owner_name()
+        )
+
+    def _make_pipeline(self, options, selected):
         pipeline = StepPipeline(options, self.optimizer)
         if selected is not None:
             pipeline.selected = selected
@@ -148,14 +161,7 @@ class TrainOpModel:
                 1, private.default_summary_writer, always=True, at_global_step=True,
                 wanted=lambda: private.default_summary_writer() is not None,
             ))
-        self.train_options = options
-        self.train_pipeline = pipeline
-        self._track_step_state()
-        if getattr(self, "train_metrics", None) is None:
-            self.train_metrics = StepMetrics()
-        if options.numerics.skip and self.train_metrics.skipped_steps is None:
-            # Reset each epoch, shown in the progress bar and History.
-            self.train_metrics.skipped_steps = keras.metrics.Sum(name="skipped_steps")
+        return pipeline
 
     @property
     def train_step_state(self):

@@ -25,6 +25,34 @@ def state_variable(value, dtype, name):
         )
 
 
+def _match(items, trainable):
+    """Which trainable variables `items` (variables and patterns) name.
+
+    Returns `(chosen_ids, given, unknown, unmatched)`: the ids of the chosen
+    variables, the object each was named by (by id), the variables that are
+    not trainable variables here, and the patterns that match nothing.
+    """
+    index = {}
+    for var in trainable:
+        for key in _keys(var):
+            index[key] = var
+    chosen_ids, given, unknown, unmatched = set(), {}, [], []
+    for item in items:
+        if isinstance(item, str):
+            hits = [v for v in trainable if re.search(item, variable_name(v))]
+            if not hits:
+                unmatched.append(item)
+            chosen_ids.update(id(v) for v in hits)
+            continue
+        match = next((index[k] for k in _keys(item) if k in index), None)
+        if match is None:
+            unknown.append(item)
+        else:
+            chosen_ids.add(id(match))
+            given[id(match)] = item
+    return chosen_ids, given, unknown, unmatched
+
+
 def _keys(variable):
     """Identity keys of a variable: itself, and the TF variable under a Keras one."""
     keys = {id(variable)}
@@ -70,26 +98,7 @@ def select_variables(selection, default, trainable, owner):
                 f"expressions on `variable.path`. Found {item!r} of type "
                 f"{type(item).__name__}. Received: variables_to_train={selection!r}"
             )
-    index = {}
-    for var in trainable:
-        for key in _keys(var):
-            index[key] = var
-    chosen_ids = set()
-    given = {}  # id of a trainable variable -> the object the user named it by
-    unknown, unmatched = [], []
-    for item in items:
-        if isinstance(item, str):
-            hits = [v for v in trainable if re.search(item, variable_name(v))]
-            if not hits:
-                unmatched.append(item)
-            chosen_ids.update(id(v) for v in hits)
-            continue
-        match = next((index[k] for k in _keys(item) if k in index), None)
-        if match is None:
-            unknown.append(item)
-        else:
-            chosen_ids.add(id(match))
-            given[id(match)] = item
+    chosen_ids, given, unknown, unmatched = _match(items, trainable)
     if unknown:
         described = ", ".join(
             f"{variable_name(v)!r} (trainable={bool(getattr(v, 'trainable', False))})"
