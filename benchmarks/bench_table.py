@@ -85,6 +85,8 @@ VARIANTS = {
     "kt_clip": (True, adam, lambda: dict(grad_transforms=[kt.transforms.clip_by_global_norm(CLIP)]), False),
     "kt_every": (True, adam, every_option, False),
     "kt_every_jit": (True, adam, every_option, True),
+    "kt_clip_unchecked_jit": (True, adam, lambda: dict(
+        check_numerics=False, grad_transforms=[kt.transforms.clip_by_global_norm(CLIP)]), True),
     "kt_skip": (True, adam, lambda: dict(check_numerics="skip"), False),
     "kt_all": (True, adam, lambda: dict(check_numerics="all"), False),
 }
@@ -104,6 +106,8 @@ ROWS = [
 FLOORS = [
     ("plain Keras, its update in a tf.cond vs plain Keras", "plain_cond", "plain"),
     ("plain Keras, Adam(global_clipnorm) jit vs plain Keras jit", "plain_clip_jit", "plain_jit"),
+    ("clip_by_global_norm, check_numerics=False, jit vs Adam(global_clipnorm) jit",
+     "kt_clip_unchecked_jit", "plain_clip_jit"),
 ]
 
 
