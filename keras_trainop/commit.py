@@ -163,7 +163,8 @@ class Commit:
             # every step): the record and what is put back are written with
             # `where`, a few cheap ops.
             bad = self._bad_in_name_order(verdict, flags, merge=False)
-            ops = record.write(tf.logical_not(ok), step, failures.cause(verdict.loss_ok, bad), bad)
+            what = None if bad is None else failures.cause(verdict.loss_ok, bad)
+            ops = record.write(tf.logical_not(ok), step, what, bad)
             ops += [var.assign(tf.where(ok, tf.convert_to_tensor(var), saved)) for var, saved in put_back]
             failure = tf.group(ops)
         else:

@@ -88,19 +88,20 @@ class FailureRecord:
 
     # -- in the step --------------------------------------------------------
 
-    def write(self, write, step, what, bad=None):
+    def write(self, write, step, what=None, bad=None):
         """Writes the record where the bool scalar `write` is True; returns the assign ops.
 
         Args:
             write: whether to record this step.
             step: int64 scalar, the step's number.
-            what: int32 scalar, the bits of what failed.
+            what: int32 scalar, the bits of what failed; None when only the
+                loss is checked (a record without bits says "loss": two ops
+                less on every step of the default policy).
             bad: None, or the bool vector of non-finite gradients in name order.
         """
-        ops = [
-            self.failed_step.assign(tf.where(write, step, self.failed_step)),
-            self.failed_what.assign(tf.where(write, what, self.failed_what)),
-        ]
+        ops = [self.failed_step.assign(tf.where(write, step, self.failed_step))]
+        if what is not None:
+            ops.append(self.failed_what.assign(tf.where(write, what, self.failed_what)))
         if bad is not None:
             flags = self.flags_variable(len(self.names))
             ops.append(flags.assign(tf.where(write, bad, flags)))
@@ -113,7 +114,7 @@ class FailureRecord:
         step = int(self.failed_step.numpy())
         if not step:
             return 0, 0, []
-        what = int(self.failed_what.numpy())
+        what = int(self.failed_what.numpy()) or LOSS  # no bits: only the loss is checked
         names = []
         if what & GRADIENTS and len(self.names) in self._flags:
             flags = self._flags[len(self.names)].numpy()
