@@ -272,3 +272,46 @@ def patch_fit_for_strategy(strategy):
     """
     if is_multi_worker(strategy):
         patch_fit_for_multi_worker()
+
+
+# -- the JAX backend ---------------------------------------------------------
+
+
+def jax_update_metrics(model, metrics_values, loss, x, y, y_pred, sample_weight):
+    """`(logs, new metrics values)`: Keras's JAX trainer's stateless metrics update.
+
+    `JAXTrainer._update_metrics_variables` feeds the loss tracker and the
+    compiled metrics in a stateless scope, as Keras's own JAX `train_step`
+    does; there is no public stateless form of it.
+    """
+    return model._update_metrics_variables(metrics_values, loss, x, y, y_pred, sample_weight)
+
+
+def jax_write_state(model, state):
+    """Writes a JAX train step's returned state into the model's variables now.
+
+    Keras's JAX `fit` keeps the state as values and writes it back only at the
+    end of an epoch (`jax_state_sync`, from `_jax_state`); a step that raises
+    must write it first, or the variables keep the state of the epoch's start
+    (or none: `fit` purges them while it trains).
+    """
+    names = ("trainable_variables", "non_trainable_variables", "optimizer_variables", "metrics_variables")
+    model._jax_state = dict(zip(names, state))
+    model._jax_state_synced = False
+    model.jax_state_sync()
+
+
+def tensorflow_devices_initialized():
+    """Whether TensorFlow has initialised its eager context, and with it its devices.
+
+    On the JAX backend keras_trainop must not: TensorFlow would claim a GPU's
+    memory next to JAX. TensorFlow has no public way to ask that does not
+    initialise them; its context's handle is made on first use.
+    """
+    import sys
+
+    if "tensorflow" not in sys.modules:
+        return False
+    from tensorflow.python.eager import context
+
+    return context.context()._context_handle is not None

@@ -34,6 +34,17 @@ from keras_trainop.transforms.scaling import Multiply
 _WARNED = weakref.WeakKeyDictionary()  # create_train_op's warnings given, per optimizer
 
 
+def _require_tensorflow(name):
+    """Both functions run the TensorFlow step (a tape, `tf.function`): refused elsewhere."""
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise NotImplementedError(
+            f"`kt.{name}` runs TensorFlow's step and needs Keras's TensorFlow backend. "
+            f"Received: KERAS_BACKEND={backend!r}. On JAX, train with `model.fit` "
+            "and the options of `compile()` (docs/backends.md)."
+        )
+
+
 def _is_number(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -166,6 +177,7 @@ def create_train_step(
             f"Received: loss={loss!r}"
         )
     validate_callable("total_loss_fn", total_loss_fn)
+    _require_tensorflow("create_train_step")
     options = TrainOptions(
         transform_grads_fn=transform_grads_fn,
         aggregation_method=aggregation_method,
@@ -242,6 +254,7 @@ def create_train_op(
         ValueError: if called eagerly (use `create_train_step`), if
             `total_loss` is not a tensor, or for an invalid option.
     """
+    _require_tensorflow("create_train_op")
     if tf.executing_eagerly():
         raise ValueError(
             "`create_train_op` must be called inside a `tf.function`: it builds "

@@ -16,6 +16,18 @@ from keras_trainop.state import StepState
 from keras_trainop.telemetry import SUMMARIES, Reader
 from keras_trainop.variables import select_variables
 
+# Keras picks its backend once, at import. On JAX the step is
+# `keras_trainop.jax_step` (Keras's stateless `train_step(state, data)`); on
+# TensorFlow it is `StepPipeline`, run by `keras_trainop.host`.
+ON_JAX = keras.backend.backend() == "jax"
+if ON_JAX:
+    from keras_trainop import jax_step
+elif keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "keras_trainop runs on Keras's TensorFlow and JAX backends. Received: "
+        f"KERAS_BACKEND={keras.backend.backend()!r}"
+    )
+
 
 def _batch_size(x):
     first = next(t for t in tf.nest.flatten(x) if t is not None)
@@ -121,9 +133,14 @@ class TrainOpModel:
         # Resolved before anything changes, so that a bad selection leaves the
         # previous compiled state as it was.
         selected = self._resolve_selection(options)
+        if ON_JAX:  # before Keras's compile: a refused option changes nothing
+            optimizer = kwargs.get("optimizer", args[0] if args else "rmsprop")
+            # (Its warnings come once, from the step made below.)
+            jax_step.check_options(options, optimizer, warned={"optimizer-accumulation"})
         super().compile(*args, **kwargs)
-        # Keras 3.15's own `fit` fails under a multi-worker strategy.
-        private.patch_fit_for_strategy(self.distribute_strategy)
+        if not ON_JAX:
+            # Keras 3.15's own `fit` fails under a multi-worker strategy.
+            private.patch_fit_for_strategy(self.distribute_strategy)
         self.train_options = options
         self.train_pipeline = self._make_pipeline(options, selected)
         self._track_step_state()
@@ -146,7 +163,10 @@ class TrainOpModel:
         )
 
     def _make_pipeline(self, options, selected):
-        pipeline = StepPipeline(options, self.optimizer)
+        if ON_JAX:
+            pipeline = jax_step.JaxStep(options, self.optimizer)
+        else:
+            pipeline = StepPipeline(options, self.optimizer)
         if selected is not None:
             pipeline.selected = selected
             if not self.optimizer.built:
@@ -184,6 +204,8 @@ class TrainOpModel:
         built its transforms): TensorFlow tracks it, Keras does not (it is
         neither a layer nor a variable), so the model's weights stay its own.
         """
+        if ON_JAX:  # a TensorFlow checkpoint is TensorFlow's
+            return
         state = self.train_pipeline.state_variables()
         holder = getattr(self, "_checkpointed_step_state", None)
         if holder is None and not state:
@@ -223,6 +245,12 @@ class TrainOpModel:
         Returns:
             `aux` (None if `loss_fn` returned only the loss).
         """
+        if ON_JAX:
+            raise NotImplementedError(
+                "`minimize` runs the TensorFlow step; on the JAX backend a custom "
+                "`train_step(state, data)` with keras_trainop's options is not "
+                "available in this version (docs/backends.md)."
+            )
         return self._minimize(loss_fn)[0]
 
     def _minimize(self, loss_fn, on_kept=None):
@@ -252,7 +280,11 @@ class TrainOpModel:
             tracker.update_state(skipped / replicas)
         return aux, skipped
 
-    def train_step(self, data):
+    def train_step(self, *args):
+        # TensorFlow: train_step(data); JAX: train_step(state, data), stateless.
+        if ON_JAX:
+            return self.train_pipeline.train_step(self, *args)
+        (data,) = args
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
 
         def loss_fn():
@@ -289,12 +321,27 @@ class TrainOpModel:
             return super().metrics
         return super().metrics + extra.active(self.train_options, self.train_pipeline.recorder)
 
-    def test_step(self, data):
-        logs = super().test_step(data)
+    @property
+    def metrics_variables(self):
+        """Keras's metrics' variables; on JAX followed by the step's own state.
+
+        Keras's JAX trainer carries four lists of variables through its
+        stateless step; the step's own state rides in this one (see
+        `keras_trainop.jax_step`).
+        """
+        variables = super().metrics_variables
+        pipeline = getattr(self, "train_pipeline", None)
+        if ON_JAX and pipeline is not None:
+            variables = variables + pipeline.riding_variables()
+        return variables
+
+    def test_step(self, *args):
+        result = super().test_step(*args)
+        logs = result[0] if ON_JAX else result  # JAX: (logs, state)
         # Training counters and gradient norms: not validation metrics.
         for name in ("skipped_steps", "grad_norm", "clipped_grad_norm"):
             logs.pop(name, None)
-        return logs
+        return result
 
     def make_train_function(self, force=False):
         """Keras's train function, run by keras_trainop's host (`keras_trainop.host`).
@@ -304,6 +351,16 @@ class TrainOpModel:
         callbacks traces nothing again; `force=True` traces anew.
         """
         pipeline = self.train_pipeline
+        if ON_JAX:
+            # Built before Keras reads the state (the step's rides along).
+            pipeline.variables(self.trainable_variables, owner=self._owner_name())
+            if not pipeline.built:
+                pipeline.build_transforms(pipeline.selected)
+            unwrapped = self.train_function
+            super().make_train_function(force)
+            if self.train_function is not unwrapped:
+                self.train_function = jax_step.hosted(self, self.train_function)
+            return self.train_function
         if force:
             pipeline.hosted_functions.clear()
 

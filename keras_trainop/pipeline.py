@@ -36,7 +36,7 @@ from keras_trainop import summaries
 from keras_trainop.accumulation import GradientAccumulator
 from keras_trainop.commit import Commit, all_of
 from keras_trainop.failures import FailureRecord
-from keras_trainop.optimizers import is_loss_scale_optimizer, own_accumulation_steps
+from keras_trainop.optimizers import check_accumulation, is_loss_scale_optimizer
 from keras_trainop.options import USE_GLOBAL_STEP
 from keras_trainop.telemetry import SUMMARIES, GradientRecorder
 from keras_trainop.transforms.base import (
@@ -69,7 +69,7 @@ class StepPipeline:
                 f"Received: optimizer={optimizer!r}"
             )
         self.warned = set()
-        _check_optimizer_accumulation(options, optimizer, self.warned)
+        check_accumulation(options, optimizer, self.warned)
         self.options = options
         self.optimizer = optimizer
         if options.numerics.enabled and record is None:
@@ -382,25 +382,3 @@ class StepPipeline:
             )
             return
         summaries.add_gradients_summaries(grads_and_vars, step=self._summary_step(step))
-
-
-def _check_optimizer_accumulation(options, optimizer, warned):
-    own = own_accumulation_steps(optimizer)
-    if own and options.accumulates:
-        raise ValueError(
-            "Pass `gradient_accumulation_steps` to keras_trainop or to the "
-            "optimizer, not both (the optimizer's own would accumulate "
-            "again what keras_trainop hands it). Received: "
-            f"gradient_accumulation_steps={options.gradient_accumulation_steps!r} "
-            f"and an optimizer with gradient_accumulation_steps={own!r}"
-        )
-    if own and (options.transforms or options.numerics.check_gradients):
-        gradients_lib.warn_once(
-            warned,
-            "optimizer-accumulation",
-            "keras_trainop: the optimizer accumulates gradients itself "
-            f"(gradient_accumulation_steps={own}), after keras_trainop's "
-            "transforms and checks, which therefore act on each micro-batch. "
-            "To clip the accumulated gradient, pass gradient_accumulation_steps "
-            "to keras_trainop instead.",
-        )

@@ -2,12 +2,26 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+if os.environ["KERAS_BACKEND"] == "jax":
+    # Two host devices, for keras.distribution.DataParallel (read when JAX starts).
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-MODES = ["eager", "graph", "jit"]
+BACKEND = keras.backend.backend()
+# The files every backend runs (README: one pytest process per backend, since
+# Keras picks its backend at import); the others test TensorFlow's step.
+ON_EVERY_BACKEND = {"test_backends.py"}
+if BACKEND != "tensorflow":
+    collect_ignore_glob = [
+        name for name in os.listdir(os.path.dirname(__file__))
+        if name.startswith("test_") and name.endswith(".py") and name not in ON_EVERY_BACKEND
+    ]
+
+# Execution modes: on JAX, a step without jit is the eager one.
+MODES = ["eager", "graph", "jit"] if BACKEND == "tensorflow" else ["eager", "jit"]
 
 
 def mode_kwargs(mode):

@@ -243,3 +243,9 @@ def test_add_control_input_lets_the_op_run_after_the_control():
     v = tf.Variable(0.0)
     _gated_increment(v)(tf.constant(True))
     assert v.numpy() == 1.0
+
+
+def test_tensorflow_devices_initialized_sees_tensorflow_in_use():
+    # The JAX backend's test (tests/test_backends.py) asserts it stays False there.
+    tf.constant(1.0) + 1.0
+    assert private.tensorflow_devices_initialized()

@@ -3,7 +3,7 @@ global-norm rule (`optimize_loss`'s `adaptive_clipping_fn`, arXiv:1412.1602).
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_trainop.transforms.base import (
     PACKAGE,
@@ -11,6 +11,8 @@ from keras_trainop.transforms.base import (
     check_number,
     compute_dtype,
     global_norm,
+    is_sparse,
+    read_state,
     scale,
     summed_rows,
 )
@@ -22,7 +24,7 @@ def _unit_axes(rank):
 
 
 def _unit_norm(x, axes):
-    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=True))
+    return ops.sqrt(ops.sum(ops.square(x), axis=axes, keepdims=True))
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -55,12 +57,13 @@ class AdaptiveGradClip(GradientTransform):
         rank = len(var.shape)
         axes = _unit_axes(rank)
         dtype = compute_dtype(var.dtype)
-        w_norm = _unit_norm(tf.cast(tf.convert_to_tensor(var), dtype), axes)
-        max_norm = tf.maximum(w_norm, self.eps) * self.clipping
-        rows = summed_rows(grad) if isinstance(grad, tf.IndexedSlices) else grad
-        g_norm = _unit_norm(tf.cast(rows, dtype), axes)
-        clipped = max_norm / tf.maximum(g_norm, 1e-6)
-        return tf.where(g_norm < max_norm, tf.ones_like(g_norm), clipped)
+        (value,) = read_state([var])
+        w_norm = _unit_norm(ops.cast(value, dtype), axes)
+        max_norm = ops.maximum(w_norm, self.eps) * self.clipping
+        rows = summed_rows(grad) if is_sparse(grad) else grad
+        g_norm = _unit_norm(ops.cast(rows, dtype), axes)
+        clipped = max_norm / ops.maximum(g_norm, 1e-6)
+        return ops.where(g_norm < max_norm, ops.ones_like(g_norm), clipped)
 
     def call(self, grads_and_vars):
         return [
@@ -123,25 +126,26 @@ class AdaptiveClipByGlobalNorm(GradientTransform):
     def update(self, grads_and_vars, state):
         mean, sq_mean = state[:2]
         new_state = []
-        norm = tf.cast(global_norm([g for g, _ in grads_and_vars]), tf.float32)
-        log_norm = tf.math.log(norm + self.epsilon)
-        decay = tf.constant(self.decay, tf.float32)
+        norm = ops.cast(global_norm([g for g, _ in grads_and_vars]), "float32")
+        log_norm = ops.log(norm + self.epsilon)
+        decay = ops.convert_to_tensor(self.decay, "float32")
         if self.warmup:
             count = state[2]
-            n = tf.cast(count, tf.float32)
-            decay = tf.minimum(decay, n / (n + 1.0))
+            n = ops.cast(count, "float32")
+            decay = ops.minimum(decay, n / (n + 1.0))
             new_state = [count + 1]
         mean = mean - (mean - log_norm) * (1.0 - decay)
-        sq_mean = sq_mean - (sq_mean - tf.square(log_norm)) * (1.0 - decay)
+        sq_mean = sq_mean - (sq_mean - ops.square(log_norm)) * (1.0 - decay)
         new_state = [mean, sq_mean] + new_state
-        std = tf.sqrt(tf.maximum(self.epsilon, sq_mean - tf.square(mean)))
-        max_norm = tf.exp(mean + self.std_factor * std)
-        # divide_no_nan: a negative std_factor can underflow max_norm to 0, and an
-        # all-zero gradient (norm 0) would then be multiplied by inf, giving NaN.
-        clipped = tf.math.divide_no_nan(tf.exp(mean), norm)
-        factor = tf.where(norm < max_norm, tf.ones_like(norm), clipped)
+        std = ops.sqrt(ops.maximum(self.epsilon, sq_mean - ops.square(mean)))
+        max_norm = ops.exp(mean + self.std_factor * std)
+        # 0 where the norm is 0: a negative std_factor can underflow max_norm to
+        # 0, and an all-zero gradient would then be multiplied by inf, giving NaN.
+        nonzero = norm != 0
+        clipped = ops.where(nonzero, ops.exp(mean) / ops.where(nonzero, norm, 1.0), 0.0)
+        factor = ops.where(norm < max_norm, ops.ones_like(norm), clipped)
         if self.static_max_norm is not None:
-            factor = tf.minimum(self.static_max_norm / norm, factor)
+            factor = ops.minimum(self.static_max_norm / norm, factor)
         return [(scale(g, factor), v) for g, v in grads_and_vars], new_state
 
     def get_config(self):

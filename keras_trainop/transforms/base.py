@@ -6,6 +6,7 @@ It may change gradients or drop pairs, never add variables. Plain functions
 with that contract work wherever a transform does.
 """
 
+import contextlib
 import math
 import numbers
 import re
@@ -14,10 +15,16 @@ import warnings
 
 import keras
 import tensorflow as tf
+from keras import ops
 
 from keras_trainop.summaries import gradient_values, variable_name
 
 PACKAGE = "keras_trainop"
+
+# The math below is `keras.ops` (every backend) but where TensorFlow has what
+# other backends lack: IndexedSlices gradients, `tf.nn.l2_loss`, float64
+# constants. On JAX no TensorFlow op runs.
+ON_TENSORFLOW = keras.backend.backend() == "tensorflow"
 
 
 class GradientTransform:
@@ -75,7 +82,7 @@ class GradientTransform:
     def __call__(self, grads_and_vars):
         grads_and_vars = list(grads_and_vars)
         if not self.built:
-            with tf.init_scope():
+            with init_scope():
                 self.build([v for _, v in grads_and_vars])
         variables = self.variables
         result, new_state = self.update(grads_and_vars, read_state(variables))
@@ -120,7 +127,21 @@ class GradientTransform:
 
 def read_state(variables):
     """The current values of state variables (reads ordered after earlier writes in a graph)."""
-    return [tf.convert_to_tensor(v) for v in variables]
+    if ON_TENSORFLOW:
+        return [tf.convert_to_tensor(v) for v in variables]
+    return [ops.convert_to_tensor(v) for v in variables]  # a stateless scope's value, on JAX
+
+
+def current_number(value):
+    """The current value of a scalar tensor or variable, as a Python float (on the host)."""
+    if ON_TENSORFLOW:
+        return float(tf.convert_to_tensor(value).numpy())
+    return float(ops.convert_to_numpy(value))
+
+
+def init_scope():
+    """Where state variables are created: outside any traced function (TensorFlow's init scope)."""
+    return tf.init_scope() if ON_TENSORFLOW else contextlib.nullcontext()
 
 
 def self_written_variables(transform):
@@ -157,9 +178,9 @@ def run_transform(transform, grads_and_vars, state):
 
 
 def compute_dtype(dtype):
-    """float32 for half-precision gradients (no overflow in sums of squares)."""
-    dtype = tf.as_dtype(dtype)
-    return tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
+    """float32 for half-precision gradients (no overflow in sums of squares), as a dtype name."""
+    name = keras.backend.standardize_dtype(dtype)
+    return "float32" if name in ("float16", "bfloat16") else name
 
 
 # A gradient's values: `.values` for IndexedSlices, else the tensor.
@@ -170,18 +191,28 @@ def map_values(fn, grad):
     """Applies `fn` to a gradient's values; IndexedSlices keep their indices."""
     if grad is None:
         return None
-    if isinstance(grad, tf.IndexedSlices):
+    if is_sparse(grad):
         return tf.IndexedSlices(fn(grad.values), grad.indices, grad.dense_shape)
     return fn(grad)
 
 
+def is_sparse(grad):
+    """Whether a gradient is a `tf.IndexedSlices` (only TensorFlow makes them)."""
+    return ON_TENSORFLOW and isinstance(grad, tf.IndexedSlices)
+
+
+def dense(grad):
+    """A gradient as a dense tensor (IndexedSlices scattered)."""
+    return tf.convert_to_tensor(grad) if ON_TENSORFLOW else ops.convert_to_tensor(grad)
+
+
 def cast(value, dtype):
-    """`tf.cast(value, dtype)`, except that a Python number becomes a float64
+    """`ops.cast(value, dtype)`, except that a Python number becomes a float64
     constant directly for float64: `tf.cast` would round it to float32 first
     (0.1 -> 0.10000000149), a 3e-8 error in float64 clip bounds and factors."""
-    if is_real(value) and tf.as_dtype(dtype) == tf.float64:
-        return tf.constant(value, tf.float64)
-    return tf.cast(value, dtype)
+    if is_real(value) and keras.backend.standardize_dtype(dtype) == "float64":
+        return ops.convert_to_tensor(value, "float64")
+    return ops.cast(value, dtype)
 
 
 def scale(grad, factor):
@@ -191,7 +222,7 @@ def scale(grad, factor):
 
     def multiply(g):
         dtype = compute_dtype(g.dtype)
-        return tf.cast(tf.cast(g, dtype) * cast(factor, dtype), g.dtype)
+        return ops.cast(ops.cast(g, dtype) * cast(factor, dtype), g.dtype)
 
     return map_values(multiply, grad)
 
@@ -206,7 +237,10 @@ def global_norm(grads):
     float rounding.
     """
     values = [values_of(g) for g in grads if g is not None]
-    dtype = tf.float64 if any(v.dtype == tf.float64 for v in values) else tf.float32
+    wide = any(keras.backend.standardize_dtype(v.dtype) == "float64" for v in values)
+    dtype = "float64" if wide else "float32"
+    if not ON_TENSORFLOW:
+        return ops.sqrt(sum(ops.sum(ops.square(ops.cast(v, dtype))) for v in values))
     halves = [tf.nn.l2_loss(tf.cast(v, dtype)) for v in values]
     return tf.sqrt(2.0 * tf.reduce_sum(tf.stack(halves)))
 
@@ -232,6 +266,13 @@ def summed_rows(slices):
 
 def is_real(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_tensor_or_variable(value):
+    """A tensor of the backend, or a Keras or TensorFlow variable (not a Python number)."""
+    if isinstance(value, keras.Variable) or keras.ops.is_tensor(value):
+        return True
+    return ON_TENSORFLOW and (tf.is_tensor(value) or isinstance(value, tf.Variable))
 
 
 def check_number(name, value, low=None, low_inclusive=False, allow_none=False):

@@ -9,17 +9,18 @@ the dense gradient), as in Keras's `clipvalue` / `clipnorm` /
 import math
 
 import keras
-import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from keras_trainop.transforms.base import (
     PACKAGE,
     GradientTransform,
+    current_number,
     cast,
     check_number,
     compute_dtype,
     global_norm,
     is_real,
+    is_tensor_or_variable,
     map_values,
     scale,
     warn_unsaved,
@@ -47,7 +48,7 @@ class ClipByValue(GradientTransform):
 
     def call(self, grads_and_vars):
         def clip(g):
-            return tf.clip_by_value(
+            return ops.clip(
                 g, cast(self.clip_value_min, g.dtype), cast(self.clip_value_max, g.dtype)
             )
 
@@ -60,17 +61,17 @@ class ClipByValue(GradientTransform):
 def _clip_tensor_by_norm(t, clip_norm):
     # `tf.clip_by_norm`'s formula (also Keras's `clipnorm`), summed in float32
     # for half-precision gradients.
-    x = tf.cast(t, compute_dtype(t.dtype))
-    l2sum = tf.reduce_sum(tf.square(x))
+    x = ops.cast(t, compute_dtype(t.dtype))
+    l2sum = ops.sum(ops.square(x))
     positive = l2sum > 0
-    l2norm = tf.where(positive, tf.sqrt(tf.where(positive, l2sum, tf.ones_like(l2sum))), l2sum)
+    l2norm = ops.where(positive, ops.sqrt(ops.where(positive, l2sum, ops.ones_like(l2sum))), l2sum)
     clip_norm = cast(clip_norm, x.dtype)
-    return tf.cast(x * clip_norm / tf.maximum(l2norm, clip_norm), t.dtype)
+    return ops.cast(x * clip_norm / ops.maximum(l2norm, clip_norm), t.dtype)
 
 
 def check_norm_bound(name, value):
     """A finite number > 0 (returned as a float), or a scalar tensor or variable (read at every step)."""
-    if tf.is_tensor(value) or isinstance(value, (tf.Variable, keras.Variable)):
+    if is_tensor_or_variable(value):
         if tuple(value.shape) != ():
             raise ValueError(
                 f"`{name}` must be a finite number > 0 or a scalar tensor. Received: "
@@ -110,7 +111,7 @@ class ClipByNorm(GradientTransform):
     def get_config(self):
         clip_norm = self.clip_norm
         if not is_real(clip_norm):
-            clip_norm = float(np.asarray(tf.convert_to_tensor(clip_norm)))
+            clip_norm = current_number(clip_norm)
             warn_unsaved(
                 "`clip_by_norm`'s clip_norm is a tensor or variable; it is saved as its "
                 f"current value {clip_norm!r}. After loading, set it again if something changes it."
@@ -138,7 +139,7 @@ class ClipByGlobalNorm(GradientTransform):
     def call(self, grads_and_vars):
         norm = global_norm([g for g, _ in grads_and_vars])
         # Keras's formula; `norm - norm` turns a non-finite norm into NaN.
-        factor = self.clip_norm * tf.minimum(1.0 / norm, 1.0 / self.clip_norm) + (norm - norm)
+        factor = self.clip_norm * ops.minimum(1.0 / norm, 1.0 / self.clip_norm) + (norm - norm)
         return [(scale(g, factor), v) for g, v in grads_and_vars]
 
     def get_config(self):

@@ -1,9 +1,9 @@
 """Gradient centralization (Yong et al., 2020) and `zero_nans`."""
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from keras_trainop.transforms.base import PACKAGE, GradientTransform, compute_dtype, map_values
+from keras_trainop.transforms.base import PACKAGE, GradientTransform, compute_dtype, dense, map_values
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -22,10 +22,10 @@ class Centralize(GradientTransform):
         for grad, var in grads_and_vars:
             rank = len(var.shape)
             if grad is not None and rank > 1:
-                dense = tf.convert_to_tensor(grad)
-                x = tf.cast(dense, compute_dtype(dense.dtype))
-                mean = tf.reduce_mean(x, axis=list(range(rank - 1)), keepdims=True)
-                grad = tf.cast(x - mean, dense.dtype)
+                full = dense(grad)
+                x = ops.cast(full, compute_dtype(full.dtype))
+                mean = ops.mean(x, axis=tuple(range(rank - 1)), keepdims=True)
+                grad = ops.cast(x - mean, full.dtype)
             result.append((grad, var))
         return result
 
@@ -36,7 +36,7 @@ class ZeroNans(GradientTransform):
 
     def call(self, grads_and_vars):
         def zero(g):
-            return tf.where(tf.math.is_nan(g), tf.zeros_like(g), g)
+            return ops.where(ops.isnan(g), ops.zeros_like(g), g)
 
         return [(map_values(zero, g), v) for g, v in grads_and_vars]
 

@@ -10,8 +10,11 @@ from keras_trainop.summaries import variable_name
 from keras_trainop.transforms.base import (
     PACKAGE,
     GradientTransform,
+    current_number,
     is_pattern,
     is_real,
+    is_tensor_or_variable,
+    read_state,
     scale,
     warn_unsaved,
 )
@@ -113,7 +116,7 @@ class Multiply(GradientTransform):
                         f"{self._given!r}"
                     )
                 if not is_real(multiplier):  # a number stays a float: exact in float64
-                    multiplier = tf.convert_to_tensor(multiplier)
+                    (multiplier,) = read_state([multiplier])
                 grad = scale(grad, multiplier)
             result.append((grad, var))
         return result
@@ -131,7 +134,7 @@ class Multiply(GradientTransform):
                 )
                 key = path
             if not is_real(value):
-                number = float(np.asarray(tf.convert_to_tensor(value)))
+                number = current_number(value)
                 warn_unsaved(
                     f"the `multiply` multiplier for {key!r} is a tensor or variable; "
                     f"it is saved as its current value {number!r}. After loading, set "
@@ -165,7 +168,7 @@ def _checked_multipliers(multipliers, argument):
             )
         if isinstance(value, np.ndarray) and value.shape == ():
             value = value.item()
-        if not (is_real(value) or _is_variable(value) or tf.is_tensor(value)):
+        if not (is_real(value) or is_tensor_or_variable(value)):
             raise ValueError(
                 "Each multiplier must be a number, a scalar tensor or a scalar variable "
                 f"(the values of `{argument}`). Found {value!r} for key {key!r}. {received}"

@@ -1,0 +1,457 @@
+"""The step on Keras's JAX backend: compute, decide once, return the new state.
+
+Keras's JAX trainer is stateless. It calls `model.train_step(state, data)`
+with the values of four lists of variables (trainable, non-trainable,
+optimizer, metrics), takes their new values back, and writes them into the
+variables at the end of an epoch, or when a callback asks. keras_trainop's
+step on JAX is that function, with the stages of the TensorFlow step:
+
+1. the loss and its gradients: `jax.value_and_grad` over Keras's own
+   `compute_loss_and_updates` (the forward pass, the loss, the
+   BatchNormalization statistics as values);
+2. the check: one finiteness verdict for the step (the loss; with "all" and
+   "skip" every gradient too);
+3. the transforms, in a stateless scope where the variables and the
+   transforms' own state read as this step's values;
+4. the commit: `ops.cond(ok, apply, keep)`, the optimizer's update, the
+   transforms' new state, the forward pass's statistics and the metrics, or
+   the state as it was. A blocked or skipped step returns the state it got,
+   so it changes nothing by construction.
+
+keras_trainop's own state (the failure record, the skip counters, the
+transforms' state) rides in the metrics list: `TrainOpModel.metrics_variables`
+appends it on JAX, so Keras carries it through the step and writes it back as
+it does the metrics'.
+
+A failed check cannot raise inside a jitted function: the step blocks this
+and every later update of the call, returns the failed step's number in the
+logs, and the host (`hosted`) writes the state back and raises
+`kt.NonFiniteError` after the call, in eager and jit mode alike.
+"""
+
+import warnings
+
+import jax
+import keras
+from keras import ops
+
+from keras_trainop import _keras_private as private
+from keras_trainop import failures
+from keras_trainop.numerics import NonFiniteError
+from keras_trainop.options import GATE_OP, USE_GLOBAL_STEP
+from keras_trainop.optimizers import check_accumulation, is_loss_scale_optimizer
+from keras_trainop.summaries import variable_name
+from keras_trainop.transforms.base import (
+    build_child,
+    check_output,
+    child_variables,
+    run_transform,
+)
+from keras_trainop.variables import select_variables
+
+FAILED_STEP = "keras_trainop_failed_step"
+BACKEND = "jax"
+
+
+def check_options(options, optimizer, warned):
+    """Raises, at `compile()`, for an option the JAX step does not take, saying why.
+
+    `warned`: the warnings already given, as in `gradients.warn_once`.
+    """
+    tensorflow_only = {
+        "aggregation_method": (options.aggregation_method is not None, options.aggregation_method),
+        "gate_gradients": (options.gate_gradients != GATE_OP, options.gate_gradients),
+        "colocate_gradients_with_ops": (
+            options.colocate_gradients_with_ops, options.colocate_gradients_with_ops,
+        ),
+    }
+    for name, (given, value) in tensorflow_only.items():
+        if given:
+            raise ValueError(
+                f"`{name}` configures TensorFlow's graph gradients (`tf.gradients`) and "
+                "has no meaning on the JAX backend, where `jax.grad` computes the "
+                f"gradients: leave it at its default. Received: {name}={value!r}"
+            )
+    not_yet = {
+        "update_ops": bool(options.update_ops),
+        "summarize_gradients": options.summarize_gradients,
+    }
+    for name, given in not_yet.items():
+        if given:
+            raise ValueError(
+                f"`{name}` is not available on the JAX backend in this version of "
+                "keras_trainop (docs/backends.md lists what is); use the TensorFlow "
+                f"backend for it. Received: {name}={getattr(options, name)!r}"
+            )
+    step = options.global_step
+    if not (step is USE_GLOBAL_STEP or step is None or isinstance(step, keras.Variable)):
+        raise ValueError(
+            "On the JAX backend `global_step` must be kt.USE_GLOBAL_STEP, None or a "
+            "scalar integer keras.Variable (a tf.Variable is TensorFlow's). "
+            f"Received: global_step={step!r}"
+        )
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        check_accumulation(options, optimizer, warned)
+    for transform in options.transforms:
+        stochastic = _stochastic(transform)
+        if stochastic is not None:
+            raise ValueError(
+                f"The gradient transform {stochastic!r} draws TensorFlow random numbers "
+                "and is not available on the JAX backend in this version of "
+                f"keras_trainop. Received: grad_transforms={options.transforms!r}"
+            )
+
+
+def _stochastic(transform):
+    """The noise transform in `transform` (itself or a child), or None."""
+    from keras_trainop.transforms.noise import AddNoise, AddScaledNoise
+
+    if isinstance(transform, (AddNoise, AddScaledNoise)):
+        return transform
+    children = getattr(transform, "children", None)
+    for child in children() if callable(children) else ():
+        found = _stochastic(child)
+        if found is not None:
+            return found
+    return None
+
+
+class _NoRecorder:
+    """The gradient recorder of a JAX step: nothing records yet."""
+
+    log_metrics = False
+    reads_gradients = False
+
+
+class JaxStep:
+    """One model's training step on the JAX backend, with its own state.
+
+    Args:
+        options: the `TrainOptions` of the step.
+        optimizer: a Keras optimizer (a `LossScaleOptimizer` is understood).
+
+    The step's own state, each list in this order (`riding_variables`):
+    the failure record (`record`), the transforms' state, the gradient sums
+    and their counter (`sums`, `count`), the skip counters (`counters`), and a
+    `global_step` variable. All but the record are saved with a model, in
+    the order TensorFlow's step saves them (`state_variables`).
+    """
+
+    def __init__(self, options, optimizer):
+        self.warned = set()
+        check_options(options, optimizer, self.warned)
+        self.options = options
+        self.optimizer = optimizer
+        self.policy = options.numerics
+        self.scaled = is_loss_scale_optimizer(optimizer)
+        self.selected = None
+        self.built = False  # the transforms' state, the sums and the gradient flags made
+        self.recorder = _NoRecorder()
+        self.saved_state = None  # the model's `train_step_state`
+        self.names = []  # `variable.path` of each selected variable, for errors
+        self.record = []  # failed step, what failed, [the flags of the gradients]
+        self.counters = []  # skipped steps in all, consecutive skipped steps
+        self.sums, self.count = [], []
+        if self.policy.enabled:
+            self.record = [_scalar("keras_trainop_failed_step"), _scalar("keras_trainop_failed_what")]
+        if self.policy.skip:
+            self.counters = [_scalar("skipped_steps_total"), _scalar("consecutive_skipped_steps")]
+        step = options.global_step
+        self.global_step = [step] if isinstance(step, keras.Variable) else []
+
+    # -- variables --------------------------------------------------------
+
+    def variables(self, candidates, trainable=None, owner="the model"):
+        """The variables to train, resolved once from `variables_to_train`."""
+        if self.selected is None:
+            self.selected = select_variables(
+                self.options.variables_to_train,
+                candidates,
+                candidates if trainable is None else trainable,
+                owner,
+            )
+        return self.selected
+
+    def build_transforms(self, variables):
+        """Creates the state kept for the variables to train: the transforms', the sums, the flags."""
+        self.names = [variable_name(v) for v in variables]
+        self.built = True
+        for transform in self.options.transforms:
+            build_child(transform, variables)
+        if self.options.accumulates:
+            self.sums = [
+                keras.Variable(ops.zeros(v.shape, v.dtype), trainable=False, name="accumulated_gradient")
+                for v in variables
+            ]
+            self.count = [_scalar("accumulated_steps")]
+        if self.policy.check_gradients and len(self.record) == 2 and not self.scaled:
+            self.record.append(keras.Variable(
+                [False] * len(variables), dtype="bool", trainable=False,
+                name="keras_trainop_bad_gradients",
+            ))
+
+    def transform_variables(self):
+        return [v for t in self.options.transforms for v in child_variables(t)]
+
+    def state_variables(self):
+        """The state saved with a model, in the order of TensorFlow's step."""
+        return self.transform_variables() + self.sums + self.count + self.counters + self.global_step
+
+    def riding_variables(self):
+        """All of the step's own state, in the order it rides in the metrics list."""
+        return self.record + self.state_variables()
+
+    # -- the step ---------------------------------------------------------
+
+    def train_step(self, model, state, data):
+        """Keras's stateless `train_step(state, data)` with keras_trainop's options."""
+        trainable, non_trainable, optimizer_values, metrics_values = state
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        grad_fn = jax.value_and_grad(model.compute_loss_and_updates, has_aux=True)
+        (_, aux), grads = grad_fn(
+            trainable, non_trainable, metrics_values, x, y, sample_weight,
+            training=True, optimizer_variables=optimizer_values,
+        )
+        loss, y_pred, forward_state, metrics_values = aux
+
+        riding = self.riding_variables()
+        split = len(metrics_values) - len(riding)
+        own = dict(zip(map(id, riding), metrics_values[split:]))
+        variables = model.trainable_variables
+        position = {id(v): i for i, v in enumerate(variables)}
+        selected = self.variables(variables, owner=f"model {model.name!r}")
+        pairs = [(grads[position[id(v)]], v) for v in selected]
+        scope = list(zip(variables, trainable)) + list(zip(model.non_trainable_variables, non_trainable))
+        scope += [(v, own[id(v)]) for v in riding]
+        values = _Values(trainable, optimizer_values, position, scope)
+
+        verdict = self.check(loss, pairs, own, optimizer_values)
+        kept = self.commit(values, self.unscale(pairs, optimizer_values), own)
+        if verdict is None:
+            trainable, optimizer_values, committed = kept()
+        else:
+            # A blocked or skipped step: the state as it was, the forward pass's too.
+            unchanged = (trainable, optimizer_values, [own[id(v)] for v in self._committed()])
+            trainable, optimizer_values, committed = ops.cond(verdict["ok"], kept, lambda: unchanged)
+            forward_state = [ops.where(verdict["ok"], a, b) for a, b in zip(forward_state, non_trainable)]
+
+        before = metrics_values[:split]
+        logs, metrics_values = private.jax_update_metrics(
+            model, before + [own[id(v)] for v in riding], loss, x, y, y_pred, sample_weight
+        )
+        keras_metrics = metrics_values[:split]
+        if verdict is not None and self.policy.skip:
+            keras_metrics, logs = self._kept_metrics(model, before, keras_metrics, verdict)
+        new = dict(zip(map(id, self._committed()), committed))
+        if verdict is not None:
+            new.update(zip(map(id, self.record), verdict["record"]))
+            new.update(zip(map(id, self.counters), verdict["counters"]))
+        own_values = [ops.cast(new[id(v)], v.dtype) for v in riding]
+        logs = dict(logs)
+        if self.record and not (self.policy.skip and self.policy.max_consecutive is None):
+            logs[FAILED_STEP] = own_values[0]
+        return logs, (trainable, forward_state, optimizer_values, keras_metrics + own_values)
+
+    def _committed(self):
+        """The state the commit writes: the transforms', the sums, the global step."""
+        return self.transform_variables() + self.sums + self.count + self.global_step
+
+    def check(self, loss, pairs, own, optimizer_values):
+        """The step's verdict: whether it applies, and what the record and counters become.
+
+        Under a loss-scale optimizer an overflow of the gradients is the
+        optimizer's business (it skips the update and halves the scale, as in
+        plain Keras): only the loss is checked.
+        """
+        if not self.policy.enabled:
+            return None
+        loss_ok = ops.all(ops.isfinite(loss))
+        bad = None
+        finite = loss_ok
+        if self.policy.check_gradients and pairs and not self.scaled:
+            bad = ops.stack([~ops.all(ops.isfinite(g)) for g, _ in pairs])
+            finite = finite & ~ops.any(bad)
+        failed_step, failed_what = own[id(self.record[0])], own[id(self.record[1])]
+        clear = failed_step == 0  # a failure blocks every later update of the call
+        number = ops.cast(optimizer_values[self._index(self.optimizer.iterations)], "int32") + 1
+        what = ops.where(loss_ok, 0, failures.LOSS)
+        if bad is not None:
+            what = what + ops.where(ops.any(bad), failures.GRADIENTS, 0)
+        if self.policy.skip:
+            total, consecutive = (own[id(v)] for v in self.counters)
+            limit = self.policy.max_consecutive
+            over = ops.convert_to_tensor(False) if limit is None else consecutive >= limit
+            fails = ~finite & over
+            skipped = ~finite & ~over & clear
+            what = what + ops.where(over, failures.CONSECUTIVE, 0)
+            counters = [total + ops.cast(skipped, total.dtype),
+                        ops.where(finite, 0, consecutive + ops.cast(skipped, consecutive.dtype))]
+        else:
+            fails, skipped, counters = ~finite, None, []
+        writes = fails & clear
+        record = [ops.where(writes, number, failed_step), ops.where(writes, what, failed_what)]
+        if len(self.record) == 3:
+            flags = own[id(self.record[2])]
+            record.append(flags if bad is None else ops.where(writes, bad, flags))
+        return {"ok": finite & clear, "skipped": skipped, "record": record, "counters": counters}
+
+    def unscale(self, pairs, optimizer_values):
+        """True-scale gradients under a loss-scale optimizer (the transforms and sums see these)."""
+        if not self.scaled:
+            return pairs
+        scale = optimizer_values[self._index(self.optimizer.dynamic_scale)]
+        return [(g / ops.cast(scale, g.dtype), v) for g, v in pairs]
+
+    def commit(self, values, pairs, own):
+        """A zero-argument function returning the state of a kept step (for `ops.cond`).
+
+        Returns `(trainable, optimizer, committed)` values:
+        `committed` in the order of `_committed()`. Without accumulation every
+        kept step updates; with it the k-th adds its gradients and updates from
+        the mean, the others only add theirs.
+        """
+        old = {id(v): own[id(v)] for v in self._committed()}
+
+        def update(pairs, sums_after):
+            with keras.StatelessScope(state_mapping=values.scope):
+                pairs, transform_state = self.transform(pairs)
+            trainable, optimizer_values = self._apply(self.rescale(pairs, values), values)
+            new = dict(old)
+            new.update(zip(map(id, self.transform_variables()), transform_state))
+            new.update(zip(map(id, self.sums + self.count), sums_after))
+            if self.global_step:
+                iterations = self._index(self.optimizer.iterations)
+                applied = optimizer_values[iterations] - values.optimizer[iterations]
+                step = self.global_step[0]
+                new[id(step)] = old[id(step)] + ops.cast(applied, step.dtype)
+            return trainable, optimizer_values, [new[id(v)] for v in self._committed()]
+
+        if not self.sums:
+            return lambda: update(pairs, [])
+        k = self.options.gradient_accumulation_steps
+        sums = [old[id(v)] for v in self.sums]
+        (count,) = (old[id(v)] for v in self.count)
+        totals = [s + ops.cast(g, s.dtype) for s, (g, _) in zip(sums, pairs)]
+
+        def mean():
+            averaged = [(t / k, v) for t, (_, v) in zip(totals, pairs)]
+            return update(averaged, [ops.zeros_like(s) for s in sums] + [ops.zeros_like(count)])
+
+        def add():
+            new = dict(old)
+            new.update(zip(map(id, self.sums + self.count), totals + [count + 1]))
+            return values.trainable, values.optimizer, [new[id(v)] for v in self._committed()]
+
+        return lambda: ops.cond(count + 1 >= k, mean, add)
+
+    def transform(self, pairs):
+        """The transforms in order: the pairs to apply, and the new values of their state."""
+        allowed = {id(v) for _, v in pairs}
+        state = []
+        for i, transform in enumerate(self.options.transforms):
+            state_variables = child_variables(transform)
+            before = [ops.convert_to_tensor(v) for v in state_variables]
+            result, new = run_transform(transform, pairs, before)
+            if len(new) != len(state_variables):
+                raise ValueError(
+                    f"Gradient transform {i} ({transform!r}) must return one new value per "
+                    f"state variable ({len(state_variables)}). Received: {len(new)} values"
+                )
+            pairs = check_output(i, transform, result, allowed)
+            state += [ops.cast(n, v.dtype) for n, v in zip(new, state_variables)]
+        return pairs, state
+
+    def rescale(self, pairs, values):
+        """Back to the loss scale, for a loss-scale optimizer (a power of two: exact)."""
+        if not self.scaled:
+            return pairs
+        scale = values.optimizer[self._index(self.optimizer.dynamic_scale)]
+        return [(None if g is None else g * ops.cast(scale, g.dtype), v) for g, v in pairs]
+
+    def _apply(self, pairs, values):
+        """The optimizer's update of the selected variables; the others keep their values."""
+        optimizer = self.optimizer
+        given = {id(v): g for g, v in pairs}
+        own = optimizer._trainable_variables  # the variables it was built for
+        grads = [given.get(id(v)) for v in own]
+        current = [values.trainable[values.position[id(v)]] for v in own]
+        with warnings.catch_warnings():
+            # Unselected variables (and pairs a transform dropped) get no
+            # gradient, as on TensorFlow: Keras then leaves them and their
+            # slots as they are, and says so in a warning meant for a loss
+            # that does not read them.
+            warnings.filterwarnings("ignore", message="Gradients do not exist")
+            new_values, optimizer_values = optimizer.stateless_apply(values.optimizer, grads, current)
+        trainable = list(values.trainable)
+        for variable, value in zip(own, new_values):
+            trainable[values.position[id(variable)]] = value
+        return trainable, optimizer_values
+
+    def _kept_metrics(self, model, before, after, verdict):
+        """The metrics of a kept step, those before it for a skipped one; and the skip counted.
+
+        A skipped batch stays out of the loss and the metrics (one nan would
+        turn the epoch's mean into nan).
+        """
+        kept = [ops.where(verdict["ok"], a, b) for a, b in zip(after, before)]
+        references = model.metrics_variables[: len(before)]
+        with keras.StatelessScope(state_mapping=list(zip(references, kept))) as scope:
+            model.train_metrics.skipped_steps.update_state(ops.cast(verdict["skipped"], "float32"))
+            logs = model.get_metrics_result()
+        values = [scope.get_current_value(v) for v in references]
+        return [k if v is None else v for k, v in zip(kept, values)], logs
+
+    def _index(self, variable):
+        """The position of one of the optimizer's variables in `optimizer.variables`."""
+        ids = [id(v) for v in self.optimizer.variables]
+        return ids.index(id(variable))
+
+    # -- on the host --------------------------------------------------------
+
+    def error(self):
+        """The `NonFiniteError` of the recorded failure (clearing the record), or None."""
+        step = int(ops.convert_to_numpy(self.record[0]))
+        if not step:
+            return None
+        what = int(ops.convert_to_numpy(self.record[1])) or failures.LOSS
+        names = []
+        if what & failures.GRADIENTS and len(self.record) == 3:
+            flags = ops.convert_to_numpy(self.record[2])
+            names = [n for n, bad in zip(self.names, flags) if bad]
+        for variable in self.record[:2]:
+            variable.assign(0)
+        kinds = {
+            failures.LOSS: "loss", failures.GRADIENTS: "gradients",
+        }.get(what & (failures.LOSS | failures.GRADIENTS), "loss and gradients")
+        consecutive = self.policy.max_consecutive + 1 if what & failures.CONSECUTIVE else None
+        return NonFiniteError(step, kinds, names, consecutive=consecutive)
+
+
+class _Values:
+    """The values a step starts from: the trainable variables', the optimizer's, and a scope's mapping."""
+
+    def __init__(self, trainable, optimizer, position, scope):
+        self.trainable = trainable
+        self.optimizer = optimizer
+        self.position = position  # id of a trainable variable -> its index
+        self.scope = scope  # (variable, value) pairs for a StatelessScope
+
+
+def _scalar(name):
+    return keras.Variable(0, dtype="int32", trainable=False, name=name)
+
+
+def hosted(model, function):
+    """Keras's train function, raising `kt.NonFiniteError` after a call whose check failed."""
+
+    def train_function(state, iterator):
+        logs, state = function(state, iterator)
+        failed = logs.pop(FAILED_STEP, None) if isinstance(logs, dict) else None
+        if failed is not None and int(failed):
+            # The state is as before the failed step (later steps were blocked);
+            # write it back, with the record, before raising.
+            private.jax_write_state(model, state)
+            raise model.train_pipeline.error()
+        return logs, state
+
+    return train_function

@@ -1,0 +1,475 @@
+"""keras_trainop's step on every backend it runs on, against the same oracles.
+
+This file runs in one pytest process per backend (Keras picks its backend at
+import): `python -m pytest` runs it on TensorFlow with the rest of the suite,
+`KERAS_BACKEND=jax python -m pytest` runs only it (tests/conftest.py). It
+imports no TensorFlow. The oracles are NumPy (tests/oracles.py) and plain
+Keras on the same backend: its own clipping arguments, a frozen layer, and
+training on the batches a skipped step leaves out.
+"""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from conftest import BACKEND, MODES, max_abs_diff, mlp, mode_kwargs, regression_data
+from oracles import CASES, NAMES, PARAMS, TOLERANCE, Sparse, make_grads, make_variables
+
+import keras_trainop as kt
+from keras_trainop import _keras_private as private
+
+T = kt.transforms
+ON_JAX = BACKEND == "jax"
+BATCH = 16  # 64 samples: 4 steps an epoch
+
+
+def state_of(model):
+    """Every variable a step may change: weights (BatchNormalization's too) and the optimizer's."""
+    return [keras.ops.convert_to_numpy(v) for v in model.weights + model.optimizer.variables]
+
+
+def nan_data(*bad_batches):
+    x, y = regression_data()
+    for b in bad_batches:
+        x[b * BATCH + 3, 1] = np.nan
+    return x, y
+
+
+def without(data, *batches):
+    keep = [i for i in range(len(data[0])) if i // BATCH not in batches]
+    return data[0][keep], data[1][keep]
+
+
+def plain_twin(model_kwargs=None, **compile_kwargs):
+    model = mlp(keras.Model, **(model_kwargs or {}))
+    model.compile(**compile_kwargs)
+    return model
+
+
+# -- the transforms, called directly ----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_transform_matches_numpy(case, dtype):
+    _, make, oracle, nan = case
+    variables = make_variables(dtype)
+    grads = make_grads(dtype, sparse=False, nan=nan)
+    transform = make(variables)
+    pairs = [
+        (None if g is None else keras.ops.convert_to_tensor(g, dtype), variables[n])
+        for g, n in zip(grads, NAMES)
+    ]
+    result = transform(pairs)
+    expected, kept = oracle(grads, [PARAMS[n] for n in NAMES])
+    assert [v.path for _, v in result] == kept
+    assert len(expected) == len(result)
+    for (g, _), e in zip(result, expected):
+        assert not isinstance(e, Sparse)
+        if e is None:
+            assert g is None
+            continue
+        assert keras.backend.standardize_dtype(g.dtype) == dtype
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(g).astype(np.float64), e, **TOLERANCE[dtype])
+
+
+# -- transforms in fit ---------------------------------------------------------------
+
+CLIPS = {
+    "clip_by_global_norm": (T.clip_by_global_norm(0.05), {"global_clipnorm": 0.05}),
+    "clip_by_norm": (T.clip_by_norm(0.05), {"clipnorm": 0.05}),
+    "clip_by_value": (T.clip_by_value(0.01), {"clipvalue": 0.01}),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", sorted(CLIPS))
+@pytest.mark.parametrize("cls", [kt.Model, kt.Sequential, "subclass"])
+def test_clip_equals_kerass_own_argument(cls, kind, mode):
+    transform, keras_argument = CLIPS[kind]
+    x, y = regression_data()
+    if cls == "subclass":
+        model, oracle = _subclassed(kt.Model), _subclassed(keras.Model)
+    elif cls is kt.Sequential:
+        model, oracle = _sequential(kt.Sequential), _sequential(keras.Sequential)
+    else:
+        model, oracle = mlp(kt.Model), mlp(keras.Model)
+    oracle.set_weights(model.get_weights())
+    model.compile(keras.optimizers.SGD(0.1), "mse", grad_transforms=[transform], **mode_kwargs(mode))
+    oracle.compile(keras.optimizers.SGD(0.1, **keras_argument), "mse", **mode_kwargs(mode))
+    history = model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0).history
+    expected = oracle.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0).history
+    assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
+    np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-6)
+    np.testing.assert_allclose(model.evaluate(x, y, verbose=0), oracle.evaluate(x, y, verbose=0), rtol=1e-6)
+    np.testing.assert_allclose(model.predict(x, verbose=0), oracle.predict(x, verbose=0), atol=1e-6)
+
+
+def _sequential(cls):
+    return cls([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
+
+
+def _subclassed(base):
+    class Net(base):
+        def __init__(self):
+            super().__init__()
+            self.hidden = keras.layers.Dense(8, activation="tanh")
+            self.out = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.out(self.hidden(x))
+
+    net = Net()
+    net(np.zeros((1, 4), "float32"))  # built by a call, so that the weights can be copied
+    return net
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", ["multiply_by_zero", "variables_to_train"])
+def test_a_frozen_layer_as_keras_freezes_it(how, mode):
+    """`multiply({"out/": 0})` with SGD, or `variables_to_train=["hidden"]`: as `out.trainable = False`."""
+    x, y = regression_data()
+    option = (
+        {"grad_transforms": [T.multiply({"out/": 0.0})]}
+        if how == "multiply_by_zero" else {"variables_to_train": ["hidden"]}
+    )
+    model = mlp(kt.Model)
+    model.compile(keras.optimizers.SGD(0.1), "mse", **option, **mode_kwargs(mode))
+    oracle = mlp(keras.Model)
+    oracle.get_layer("out").trainable = False
+    oracle.compile(keras.optimizers.SGD(0.1), "mse", **mode_kwargs(mode))
+    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    oracle.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    values = lambda m: [keras.ops.convert_to_numpy(v) for v in m.weights]  # noqa: E731
+    assert max_abs_diff(values(model), values(oracle)) < 1e-6
+    initial = [keras.ops.convert_to_numpy(v) for v in mlp(keras.Model).get_layer("out").weights]
+    assert max_abs_diff(values(model)[2:], initial) == 0.0
+
+
+# -- check_numerics ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+@pytest.mark.parametrize("policy", [True, "all"])
+def test_a_non_finite_step_raises_and_changes_nothing(policy, steps_per_execution, mode):
+    """Step 3 of 4 is nan: fit raises naming it, and every variable is as after step 2."""
+    data = nan_data(2)
+    model = mlp(kt.Model, batchnorm=True)
+    model.compile("adam", "mse", check_numerics=policy, steps_per_execution=steps_per_execution,
+                  **mode_kwargs(mode))
+    with pytest.raises(kt.NonFiniteError) as raised:
+        model.fit(*data, batch_size=BATCH, shuffle=False, verbose=0)
+    error = raised.value
+    assert error.step == 3
+    if policy == "all":
+        assert error.what == "loss and gradients"
+        assert error.variables == [v.path for v in model.trainable_variables]
+    else:
+        assert (error.what, error.variables) == ("loss", [])
+    oracle = plain_twin({"batchnorm": True}, optimizer="adam", loss="mse", **mode_kwargs(mode))
+    oracle.fit(*without(data, 2, 3), batch_size=BATCH, shuffle=False, verbose=0)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 2
+    assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
+    # The record was read: the next fit on good data trains.
+    model.fit(*without(data, 2), batch_size=BATCH, shuffle=False, verbose=0)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 5
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_skip_equals_training_without_the_bad_batch(steps_per_execution, mode):
+    data = nan_data(2)
+    transform = T.adaptive_clip_by_global_norm()
+    model = mlp(kt.Model, batchnorm=True)
+    model.compile("adam", "mse", check_numerics="skip", grad_transforms=[transform],
+                  steps_per_execution=steps_per_execution, **mode_kwargs(mode))
+    history = model.fit(*data, batch_size=BATCH, epochs=2, shuffle=False, verbose=0).history
+    oracle_transform = T.adaptive_clip_by_global_norm()
+    oracle = mlp(kt.Model, batchnorm=True)
+    oracle.compile("adam", "mse", grad_transforms=[oracle_transform], **mode_kwargs(mode))
+    expected = oracle.fit(*without(data, 2), batch_size=BATCH, epochs=2, shuffle=False, verbose=0).history
+    assert history["skipped_steps"] == [1.0, 1.0]
+    np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-5)
+    assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-5
+    # The transform's own state saw 6 updates, not 8.
+    values = lambda t: [keras.ops.convert_to_numpy(v) for v in t.variables]  # noqa: E731
+    assert max_abs_diff(values(transform), values(oracle_transform)) < 1e-5
+    skipped_total = model.train_step_state.state_variables[-2]
+    assert int(keras.ops.convert_to_numpy(skipped_total)) == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_skip_raises_after_max_consecutive(mode):
+    data = nan_data(1, 2)
+    model = mlp(kt.Model)
+    model.compile("sgd", "mse", check_numerics=kt.SkipNonFinite(max_consecutive=1), **mode_kwargs(mode))
+    with pytest.raises(kt.NonFiniteError, match="2 consecutive steps"):
+        model.fit(*data, batch_size=BATCH, shuffle=False, verbose=0)
+    oracle = plain_twin(optimizer="sgd", loss="mse", **mode_kwargs(mode))
+    oracle.fit(*without(data, 1, 2, 3), batch_size=BATCH, shuffle=False, verbose=0)
+    assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
+
+
+class CountByUpdate(kt.transforms.GradientTransform):
+    """Counts its updates through the state protocol."""
+
+    def build(self, variables):
+        self.count = self.add_state("count", "int32")
+        super().build(variables)
+
+    def update(self, grads_and_vars, state):
+        return grads_and_vars, [state[0] + 1]
+
+
+class CountByAssigning(kt.transforms.GradientTransform):
+    """Counts its calls the older way: assigning its own state in `call`."""
+
+    def build(self, variables):
+        self.count = self.add_state("count", "int32")
+        super().build(variables)
+
+    def call(self, grads_and_vars):
+        self.count.assign(self.count + 1)
+        return grads_and_vars
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_users_stateful_transforms_count_only_applied_updates(mode):
+    data = nan_data(1, 3)
+    transforms = [CountByUpdate(), CountByAssigning()]
+    model = mlp(kt.Model)
+    model.compile("sgd", "mse", check_numerics="skip", grad_transforms=transforms, **mode_kwargs(mode))
+    model.fit(*data, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    counts = [int(keras.ops.convert_to_numpy(t.count)) for t in transforms]
+    assert counts == [4, 4]  # 8 steps, 4 skipped
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mixed_bfloat16_clip_equals_kerass_own(mode):
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        x, y = regression_data()
+        model, oracle = mlp(kt.Model), mlp(keras.Model)
+        model.compile(keras.optimizers.SGD(0.1), "mse", grad_transforms=[T.clip_by_global_norm(0.05)],
+                      check_numerics="all", **mode_kwargs(mode))
+        oracle.compile(keras.optimizers.SGD(0.1, global_clipnorm=0.05), "mse", **mode_kwargs(mode))
+        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        oracle.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        assert model.weights[0].dtype == "float32"
+        assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+# -- accumulation, the global step, loss scaling ----------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+def test_accumulation_equals_one_batch_k_times_larger(steps_per_execution, mode):
+    """4 micro-batches of 16 with a clip of their mean: one batch of 64 with Keras's own clip."""
+    x, y = regression_data(n=128)
+    step = keras.Variable(0, dtype="int32", trainable=False, name="global_step")
+    model = mlp(kt.Model)
+    model.compile(keras.optimizers.SGD(0.1), "mse", gradient_accumulation_steps=4, global_step=step,
+                  grad_transforms=[T.clip_by_global_norm(0.05)], check_numerics="all",
+                  steps_per_execution=steps_per_execution, **mode_kwargs(mode))
+    oracle = plain_twin(optimizer=keras.optimizers.SGD(0.1, global_clipnorm=0.05), loss="mse",
+                        **mode_kwargs(mode))
+    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    oracle.fit(x, y, batch_size=4 * BATCH, epochs=2, shuffle=False, verbose=0)
+    assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
+    assert int(keras.ops.convert_to_numpy(step)) == 4  # updates, not batches
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_global_step_variable_counts_applied_updates(mode):
+    step = keras.Variable(0, dtype="int32", trainable=False, name="global_step")
+    model = mlp(kt.Model)
+    model.compile("sgd", "mse", check_numerics="skip", global_step=step, **mode_kwargs(mode))
+    model.fit(*nan_data(1, 2), batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    assert int(keras.ops.convert_to_numpy(step)) == 4  # 8 steps, 4 skipped
+    assert model.train_step_state.state_variables[-1] is step
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mixed_float16_transforms_see_unscaled_gradients(mode):
+    """kt's clip under Keras's LossScaleOptimizer: as the inner optimizer's own clip."""
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        x, y = regression_data()
+        model, oracle = mlp(kt.Model), mlp(keras.Model)
+        model.compile(keras.optimizers.SGD(0.1), "mse", grad_transforms=[T.clip_by_global_norm(0.05)],
+                      **mode_kwargs(mode))
+        oracle.compile(keras.optimizers.SGD(0.1, global_clipnorm=0.05), "mse", **mode_kwargs(mode))
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        oracle.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+# -- saving --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_saved_model_keeps_its_options_and_resumes_exactly(mode, tmp_path):
+    data = nan_data(1)
+    model = mlp(kt.Model)
+    model.compile("adam", "mse", check_numerics="skip", grad_transforms=[T.clip_by_global_norm(0.05)],
+                  **mode_kwargs(mode))
+    model.fit(*data, batch_size=BATCH, shuffle=False, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert isinstance(loaded, kt.Model)
+    assert loaded.train_options.check_numerics == "skip"
+    assert repr(loaded.train_options.transforms) == "[ClipByGlobalNorm(clip_norm=0.05)]"
+    counters = lambda m: [int(keras.ops.convert_to_numpy(v)) for v in m.train_step_state.state_variables]  # noqa: E731
+    assert counters(loaded) == counters(model) == [1, 0]  # skipped in all, consecutive
+    for m in (model, loaded):
+        m.fit(*data, batch_size=BATCH, shuffle=False, verbose=0)
+    assert max_abs_diff(state_of(loaded), state_of(model)) == 0.0
+    assert counters(loaded) == counters(model) == [2, 0]
+    # Served as the plain architecture: the weights are exactly its weights.
+    plain = mlp(keras.Model)
+    plain.set_weights(model.get_weights())
+    np.testing.assert_allclose(
+        plain.predict(data[0][:8], verbose=0), model.predict(data[0][:8], verbose=0), atol=1e-6
+    )
+
+
+OTHER_BACKEND = {"tensorflow": "jax", "jax": "tensorflow"}[BACKEND]
+
+
+def on_other_backend(action, path):
+    script = os.path.join(os.path.dirname(__file__), "cross_backend_script.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "XLA_FLAGS")}
+    subprocess.run([sys.executable, script, OTHER_BACKEND, action, str(path)], check=True, timeout=300,
+                   cwd=os.path.dirname(__file__), env=env, capture_output=True)
+
+
+def resumed(path, backend):
+    with np.load(f"{path}.{backend}.npz") as arrays:
+        return [arrays[k] for k in sorted(arrays.files, key=lambda k: int(k.split("_")[1]))]
+
+
+@pytest.mark.slow
+def test_a_model_saved_on_one_backend_resumes_on_the_other(tmp_path):
+    """Keras's cross-backend promise, with the options and the step's own state."""
+    from cross_backend_script import main
+
+    theirs, ours = tmp_path / "theirs.keras", tmp_path / "ours.keras"
+    on_other_backend("save", theirs)
+    main("save", str(ours))
+    for path in (theirs, ours):
+        main("resume", str(path))
+        on_other_backend("resume", path)
+        here, there = resumed(path, BACKEND), resumed(path, OTHER_BACKEND)
+        # The skip counters went on from the file's: one skipped step an epoch.
+        assert [int(c) for c in here[-2:]] == [int(c) for c in there[-2:]] == [2, 0]
+        assert max_abs_diff(here, there) < 1e-5
+
+
+# -- the JAX backend -------------------------------------------------------------------
+
+jax_only = pytest.mark.skipif(not ON_JAX, reason="what the JAX backend refuses or avoids")
+
+
+@jax_only
+@pytest.mark.parametrize("option, value", [
+    ("aggregation_method", 0),
+    ("gate_gradients", kt.GATE_NONE),
+    ("colocate_gradients_with_ops", True),
+])
+def test_tensorflow_only_options_are_refused_at_compile(option, value):
+    model = mlp(kt.Model)
+    with pytest.raises(ValueError, match=f"`{option}` configures TensorFlow's graph gradients.*JAX"):
+        model.compile("sgd", "mse", **{option: value})
+    assert not hasattr(model, "train_options")  # nothing compiled
+
+
+@jax_only
+@pytest.mark.parametrize("options", [
+    {"update_ops": [lambda: None]},
+    {"summarize_gradients": True},
+    {"grad_transforms": [T.chain(T.add_noise(0.1))]},
+], ids=["update_ops", "summarize_gradients", "noise"])
+def test_what_the_jax_step_lacks_is_refused_at_compile(options):
+    with pytest.raises(ValueError, match="not available .*JAX backend"):
+        mlp(kt.Model).compile("sgd", "mse", **options)
+
+
+@jax_only
+@pytest.mark.parametrize("mode", MODES)
+def test_data_parallel_on_two_devices_equals_one_device(mode):
+    """The transforms and the check see the global batch's gradient (plain Keras on one device)."""
+    devices = keras.distribution.list_devices()
+    assert len(devices) == 2
+    data = nan_data(1)
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    try:
+        model = mlp(kt.Model)
+        model.compile(keras.optimizers.SGD(0.1), "mse", grad_transforms=[T.clip_by_global_norm(0.05)],
+                      check_numerics="skip", **mode_kwargs(mode))
+        history = model.fit(*data, batch_size=BATCH, epochs=2, shuffle=False, verbose=0).history
+        weights = state_of(model)
+        assert len(model.weights[0].value.sharding.device_set) == 2  # replicated on both
+    finally:
+        keras.distribution.set_distribution(None)
+    oracle = plain_twin(optimizer=keras.optimizers.SGD(0.1, global_clipnorm=0.05), loss="mse",
+                        **mode_kwargs(mode))
+    oracle.fit(*without(data, 1), batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    assert history["skipped_steps"] == [1.0, 1.0]
+    assert max_abs_diff(weights, state_of(oracle)) < 1e-6
+
+
+@jax_only
+def test_minimize_says_it_is_the_tensorflow_step():
+    model = mlp(kt.Model)
+    model.compile("sgd", "mse")
+    with pytest.raises(NotImplementedError, match="JAX backend"):
+        model.minimize(lambda: 0.0)
+
+
+@jax_only
+@pytest.mark.parametrize("mode", MODES)
+def test_the_jax_step_runs_no_tensorflow(mode):
+    """TensorFlow would claim a GPU's memory next to JAX once it initialises its devices."""
+    data = nan_data(1)
+    model = mlp(kt.Model, batchnorm=True)
+    step = keras.Variable(0, dtype="int32", trainable=False, name="global_step")
+    model.compile("adam", "mse", check_numerics="skip", variables_to_train=["hidden", "out"],
+                  grad_transforms=[T.clip_by_global_norm(1.0), T.adaptive_grad_clip(0.1),
+                                   T.adaptive_clip_by_global_norm(), T.centralize(), T.zero_nans()],
+                  gradient_accumulation_steps=2, global_step=step, **mode_kwargs(mode))
+    model.fit(*data, batch_size=BATCH, epochs=2, validation_data=data, verbose=0)
+    model.predict(data[0], verbose=0)
+    assert not private.tensorflow_devices_initialized()
+
+
+@jax_only
+def test_the_functional_api_and_the_callback_say_they_need_tensorflow(tmp_path):
+    with pytest.raises(NotImplementedError, match="create_train_step.*TensorFlow backend"):
+        kt.create_train_step(lambda: 0.0, keras.optimizers.SGD())
+    with pytest.raises(NotImplementedError, match="create_train_op.*TensorFlow backend"):
+        kt.create_train_op(0.0, keras.optimizers.SGD())
+    model = mlp(kt.Model)
+    model.compile("sgd", "mse")
+    with pytest.raises(ValueError, match="GradientTensorBoard is not available on Keras's jax backend"):
+        model.fit(*regression_data(), verbose=0, callbacks=[kt.GradientTensorBoard(str(tmp_path))])
+
+
+@jax_only
+def test_the_private_jax_hooks_exist():
+    """keras_trainop's JAX step leans on these (keras_trainop/_keras_private.py)."""
+    model = mlp(kt.Model)
+    model.compile("sgd", "mse")
+    assert callable(model._update_metrics_variables)
+    assert callable(model.jax_state_sync)
+    assert model._jax_state_synced is True
