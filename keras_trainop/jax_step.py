@@ -441,17 +441,36 @@ def _scalar(name):
     return keras.Variable(0, dtype="int32", trainable=False, name=name)
 
 
-def hosted(model, function):
-    """Keras's train function, raising `kt.NonFiniteError` after a call whose check failed."""
+class HostedTrainFunction:
+    """Keras's JAX train function, raising `kt.NonFiniteError` for a call whose check failed.
 
-    def train_function(state, iterator):
-        logs, state = function(state, iterator)
+    JAX runs a call's steps asynchronously, and reading its failure flag at
+    once would make the host wait for every call before it sends the next.
+    So the flag of a call is read after the next call has been sent (which
+    then waits only for the call it belongs to), and after the last call
+    (`settle`, at the end of `fit` and `train_on_batch`). A failure blocks
+    every later update until the record is read, so the call sent in
+    between changes nothing: the weights are those of the last good step.
+    """
+
+    def __init__(self, model, function):
+        self.model = model
+        self.function = function
+        self.pending = None  # the last call's failure flag, not yet read
+
+    def __call__(self, state, iterator):
+        logs, state = self.function(state, iterator)
         failed = logs.pop(FAILED_STEP, None) if isinstance(logs, dict) else None
-        if failed is not None and int(failed):
-            # The state is as before the failed step (later steps were blocked);
-            # write it back, with the record, before raising.
-            private.jax_write_state(model, state)
-            raise model.train_pipeline.error()
+        previous, self.pending = self.pending, failed
+        if previous is not None and int(previous):
+            self.pending = None
+            # Write the state (as before the failed step, with its record) before raising.
+            private.jax_write_state(self.model, state)
+            raise self.model.train_pipeline.error()
         return logs, state
 
-    return train_function
+    def settle(self):
+        """Raises for a failure in the last call (`fit` has written the state back by then)."""
+        pending, self.pending = self.pending, None
+        if pending is not None and int(pending):
+            raise self.model.train_pipeline.error()

@@ -359,7 +359,7 @@ class TrainOpModel:
             unwrapped = self.train_function
             super().make_train_function(force)
             if self.train_function is not unwrapped:
-                self.train_function = jax_step.hosted(self, self.train_function)
+                self.train_function = jax_step.HostedTrainFunction(self, self.train_function)
             return self.train_function
         if force:
             pipeline.hosted_functions.clear()
@@ -370,6 +370,22 @@ class TrainOpModel:
 
         self.train_function = host.make(self, keras_trace)
         return self.train_function
+
+    def fit(self, *args, **kwargs):
+        history = super().fit(*args, **kwargs)
+        self._settle()
+        return history
+
+    def train_on_batch(self, *args, **kwargs):
+        logs = super().train_on_batch(*args, **kwargs)
+        self._settle()
+        return logs
+
+    def _settle(self):
+        """On JAX, raises for a failed check in the last call (see `jax_step.HostedTrainFunction`)."""
+        settle = getattr(self.train_function, "settle", None)
+        if ON_JAX and settle is not None:
+            settle()
 
     def get_compile_config(self):
         config = super().get_compile_config()

@@ -180,6 +180,23 @@ def test_a_non_finite_step_raises_and_changes_nothing(policy, steps_per_executio
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_train_on_batch_raises_for_its_own_batch(mode):
+    x, y = nan_data(1)
+    model = mlp(kt.Model)
+    model.compile("sgd", "mse", **mode_kwargs(mode))
+    model.train_on_batch(x[:BATCH], y[:BATCH])
+    with pytest.raises(kt.NonFiniteError) as raised:
+        model.train_on_batch(x[BATCH:2 * BATCH], y[BATCH:2 * BATCH])
+    assert raised.value.step == 2
+    oracle = plain_twin(optimizer="sgd", loss="mse", **mode_kwargs(mode))
+    oracle.train_on_batch(x[:BATCH], y[:BATCH])
+    assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
+    for m in (model, oracle):
+        m.train_on_batch(x[2 * BATCH:3 * BATCH], y[2 * BATCH:3 * BATCH])
+    assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("steps_per_execution", [1, 4])
 def test_skip_equals_training_without_the_bad_batch(steps_per_execution, mode):
     data = nan_data(2)

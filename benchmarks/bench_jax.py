@@ -1,0 +1,171 @@
+"""keras_trainop on Keras's JAX backend against plain Keras on JAX: the JAX table of docs/performance.md.
+
+The rows of `bench_table.py` that JAX has, on the same two models (the MLP
+784-256-256-10 and "deep", `Dense(32)` x 100), Adam, batch 128, synthetic
+data, `jit_compile=True` (Keras's default on JAX).
+
+Method. JAX dispatches steps asynchronously, so a step's time is not the
+time between two callbacks: a copy's figure is the time of one `fit` epoch of
+`--steps` steps, ended by reading a weight (which waits for the last step),
+divided by the steps; the median over the rounds; a variant's figure is the
+mean over its copies. Every round runs every copy of every variant, in an
+order that rotates from round to round. A row's ratio is the feature's
+figure over its peer's, from the same run.
+
+Last, the same script on the TensorFlow backend (a subprocess, after this
+one: not interleaved) times keras_trainop with its default options under
+`jit_compile=True`, for the "JAX vs TensorFlow" row.
+
+Usage:
+    python benchmarks/bench_jax.py [--rounds 10] [--steps 40] [--copies 2] [--models mlp,deep]
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+if __name__ == "__main__" and "--tensorflow" not in sys.argv:
+    os.environ["KERAS_BACKEND"] = "jax"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_trainop as kt  # noqa: E402
+
+BATCH = 128
+CLIP = 1.0
+
+
+def adam(**kwargs):
+    return keras.optimizers.Adam(1e-3, **kwargs)
+
+
+# name -> (keras_trainop's model?, optimizer factory, compile options factory)
+VARIANTS = {
+    "plain": (False, adam, dict),
+    "plain_clip": (False, lambda: adam(global_clipnorm=CLIP), dict),
+    "plain_accumulate": (False, lambda: adam(gradient_accumulation_steps=4), dict),
+    "keras_skip": (False, lambda: keras.optimizers.LossScaleOptimizer(adam()), dict),
+    "kt_default": (True, adam, dict),
+    "kt_clip": (True, adam, lambda: dict(grad_transforms=[kt.transforms.clip_by_global_norm(CLIP)])),
+    "kt_accumulate": (True, adam, lambda: dict(gradient_accumulation_steps=4)),
+    "kt_skip": (True, adam, lambda: dict(check_numerics="skip")),
+    "kt_unchecked": (True, adam, lambda: dict(check_numerics=False)),
+}
+
+# (what, feature, peer, target)
+ROWS = [
+    ("default options vs plain keras.Model", "kt_default", "plain", 1.01),
+    ("clip_by_global_norm(1.0) vs Adam(global_clipnorm=1.0)", "kt_clip", "plain_clip", 1.00),
+    ('check_numerics="skip" vs LossScaleOptimizer(Adam) float32', "kt_skip", "keras_skip", 1.00),
+    ("gradient_accumulation_steps=4 vs Adam(gradient_accumulation_steps=4)", "kt_accumulate",
+     "plain_accumulate", 1.00),
+]
+# What a part of a feature costs (no target).
+FLOORS = [
+    ("check_numerics=False vs plain keras.Model", "kt_unchecked", "plain"),
+]
+
+
+def build(model_name, variant):
+    ours, optimizer, options = VARIANTS[variant]
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((784,))
+    if model_name == "mlp":
+        h = keras.layers.Dense(256, activation="relu")(inputs)
+        h = keras.layers.Dense(256, activation="relu")(h)
+    else:
+        h = keras.layers.Dense(32, activation="relu")(inputs)
+        for _ in range(99):
+            h = keras.layers.Dense(32, activation="relu")(h)
+    outputs = keras.layers.Dense(10)(h)
+    model = (kt.Model if ours else keras.Model)(inputs, outputs)
+    model.compile(
+        optimizer=optimizer(),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+        **options(),
+    )
+    return model
+
+
+def epoch_time(model, x, y, steps):
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    keras.ops.convert_to_numpy(model.trainable_variables[0])  # waits for the last step
+    return (time.perf_counter() - start) / steps
+
+
+def measure(model_names, variants, rounds, steps, copies):
+    """{(model, variant): seconds per step}."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((steps * BATCH, 784), dtype=np.float32)
+    y = rng.integers(0, 10, size=(steps * BATCH,))
+    runs = [(m, v, c) for m in model_names for v in variants for c in range(copies)]
+    models = {run: build(*run[:2]) for run in runs}
+    times = {run: [] for run in runs}
+    for run in runs:  # warm-up: compilation and first-run costs
+        epoch_time(models[run], x, y, steps)
+    for r in range(rounds):
+        shift = r * len(runs) // rounds
+        for run in runs[shift:] + runs[:shift]:
+            times[run].append(epoch_time(models[run], x, y, steps))
+    return {
+        (m, v): statistics.mean(statistics.median(times[(m, v, c)]) for c in range(copies))
+        for m in model_names for v in variants
+    }
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--copies", type=int, default=2)
+    parser.add_argument("--models", default="mlp,deep")
+    parser.add_argument("--tensorflow", action="store_true",
+                        help="(internal) time kt_default on TensorFlow and print its ms per step")
+    args = parser.parse_args()
+    model_names = args.models.split(",")
+    if args.tensorflow:
+        figures = measure(model_names, ["kt_default"], args.rounds, args.steps, args.copies)
+        print(" ".join(f"{figures[(m, 'kt_default')]!r}" for m in model_names))
+        return
+    variants = [v for v in VARIANTS if any(v in row[1:3] for row in ROWS + FLOORS)]
+    figures = measure(model_names, variants, args.rounds, args.steps, args.copies)
+    tensorflow = subprocess.run(
+        [sys.executable, __file__, "--tensorflow", "--rounds", str(args.rounds), "--steps",
+         str(args.steps), "--copies", str(args.copies), "--models", args.models],
+        env=dict(os.environ, KERAS_BACKEND="tensorflow"), capture_output=True, text=True, check=True,
+    ).stdout.split()
+
+    print(f"commit {commit()}; keras {keras.__version__} on {keras.backend.backend()}; "
+          f"rounds={args.rounds} steps={args.steps} copies={args.copies}")
+    print("| what | " + " | ".join(model_names) + " | target |")
+    print("|" + "---|" * (len(model_names) + 2))
+    for what, feature, peer, target in ROWS:
+        cells = " | ".join(f"{figures[(m, feature)] / figures[(m, peer)]:.3f}" for m in model_names)
+        print(f"| {what} | {cells} | <= {target:.2f} |")
+    for what, feature, peer in FLOORS:
+        cells = " | ".join(f"{figures[(m, feature)] / figures[(m, peer)]:.3f}" for m in model_names)
+        print(f"| (part) {what} | {cells} | - |")
+    cells = " | ".join(f"{figures[(m, 'kt_default')] / float(t):.3f}" for m, t in zip(model_names, tensorflow))
+    print(f"| keras_trainop default, JAX vs TensorFlow (both jit_compile=True; not interleaved) | {cells} | - |")
+    print()
+    print("ms per step:", ", ".join(f"{m}/{v} {figures[(m, v)] * 1e3:.2f}" for m in model_names for v in variants),
+          ", ".join(f"{m}/kt_default on tensorflow {float(t) * 1e3:.2f}" for m, t in zip(model_names, tensorflow)))
+
+
+if __name__ == "__main__":
+    main()
