@@ -13,20 +13,22 @@ step on JAX is that function, with the stages of the TensorFlow step:
    "skip" every gradient too);
 3. the transforms, in a stateless scope where the variables and the
    transforms' own state read as this step's values;
-4. the commit: `ops.cond(ok, apply, keep)`, the optimizer's update, the
-   transforms' new state, the forward pass's statistics and the metrics, or
-   the state as it was. A blocked or skipped step returns the state it got,
-   so it changes nothing by construction.
+4. the commit: `ops.cond(ok, apply, keep)`: the optimizer's update, the
+   transforms' new state, the gradient sums and the global step, or the state
+   as it was; the forward pass's statistics and the metrics (with the skip
+   policy) are selected by the same verdict. A blocked or skipped step
+   returns the state it got, so it changes nothing by construction.
 
-keras_trainop's own state (the failure record, the skip counters, the
-transforms' state) rides in the metrics list: `TrainOpModel.metrics_variables`
+keras_trainop's own state (the failure record, the transforms' state, the
+gradient sums, the skip counters, a global step variable) rides in the
+metrics list: `TrainOpModel.metrics_variables`
 appends it on JAX, so Keras carries it through the step and writes it back as
 it does the metrics'.
 
 A failed check cannot raise inside a jitted function: the step blocks this
-and every later update of the call, returns the failed step's number in the
-logs, and the host (`hosted`) writes the state back and raises
-`kt.NonFiniteError` after the call, in eager and jit mode alike.
+and every later update until the record is read, returns the failed step's
+number in the logs, and the host (`keras_trainop.jax_host`) writes the state
+back and raises `kt.NonFiniteError`, in eager and jit mode alike.
 """
 
 import warnings
@@ -37,9 +39,9 @@ from keras import ops
 
 from keras_trainop import _keras_private as private
 from keras_trainop import failures
+from keras_trainop.jax_host import FAILED_STEP, check_options
 from keras_trainop.numerics import NonFiniteError
-from keras_trainop.options import GATE_OP, USE_GLOBAL_STEP
-from keras_trainop.optimizers import check_accumulation, is_loss_scale_optimizer
+from keras_trainop.optimizers import is_loss_scale_optimizer
 from keras_trainop.summaries import variable_name
 from keras_trainop.transforms.base import (
     build_child,
@@ -49,71 +51,6 @@ from keras_trainop.transforms.base import (
 )
 from keras_trainop.variables import select_variables
 
-FAILED_STEP = "keras_trainop_failed_step"
-BACKEND = "jax"
-
-
-def check_options(options, optimizer, warned):
-    """Raises, at `compile()`, for an option the JAX step does not take, saying why.
-
-    `warned`: the warnings already given, as in `gradients.warn_once`.
-    """
-    tensorflow_only = {
-        "aggregation_method": (options.aggregation_method is not None, options.aggregation_method),
-        "gate_gradients": (options.gate_gradients != GATE_OP, options.gate_gradients),
-        "colocate_gradients_with_ops": (
-            options.colocate_gradients_with_ops, options.colocate_gradients_with_ops,
-        ),
-    }
-    for name, (given, value) in tensorflow_only.items():
-        if given:
-            raise ValueError(
-                f"`{name}` configures TensorFlow's graph gradients (`tf.gradients`) and "
-                "has no meaning on the JAX backend, where `jax.grad` computes the "
-                f"gradients: leave it at its default. Received: {name}={value!r}"
-            )
-    not_yet = {
-        "update_ops": bool(options.update_ops),
-        "summarize_gradients": options.summarize_gradients,
-    }
-    for name, given in not_yet.items():
-        if given:
-            raise ValueError(
-                f"`{name}` is not available on the JAX backend in this version of "
-                "keras_trainop (docs/backends.md lists what is); use the TensorFlow "
-                f"backend for it. Received: {name}={getattr(options, name)!r}"
-            )
-    step = options.global_step
-    if not (step is USE_GLOBAL_STEP or step is None or isinstance(step, keras.Variable)):
-        raise ValueError(
-            "On the JAX backend `global_step` must be kt.USE_GLOBAL_STEP, None or a "
-            "scalar integer keras.Variable (a tf.Variable is TensorFlow's). "
-            f"Received: global_step={step!r}"
-        )
-    if isinstance(optimizer, keras.optimizers.Optimizer):
-        check_accumulation(options, optimizer, warned)
-    for transform in options.transforms:
-        stochastic = _stochastic(transform)
-        if stochastic is not None:
-            raise ValueError(
-                f"The gradient transform {stochastic!r} draws TensorFlow random numbers "
-                "and is not available on the JAX backend in this version of "
-                f"keras_trainop. Received: grad_transforms={options.transforms!r}"
-            )
-
-
-def _stochastic(transform):
-    """The noise transform in `transform` (itself or a child), or None."""
-    from keras_trainop.transforms.noise import AddNoise, AddScaledNoise
-
-    if isinstance(transform, (AddNoise, AddScaledNoise)):
-        return transform
-    children = getattr(transform, "children", None)
-    for child in children() if callable(children) else ():
-        found = _stochastic(child)
-        if found is not None:
-            return found
-    return None
 
 
 class _NoRecorder:
@@ -223,17 +160,19 @@ class JaxStep:
         pairs = [(grads[position[id(v)]], v) for v in selected]
         scope = list(zip(variables, trainable)) + list(zip(model.non_trainable_variables, non_trainable))
         scope += [(v, own[id(v)]) for v in riding]
-        values = _Values(trainable, optimizer_values, position, scope)
+        values = _Values(variables, trainable, optimizer_values, scope, model.non_trainable_variables,
+                         forward_state)
 
         verdict = self.check(loss, pairs, own, optimizer_values)
         kept = self.commit(values, self.unscale(pairs, optimizer_values), own)
         if verdict is None:
-            trainable, optimizer_values, committed = kept()
+            trainable, optimizer_values, non_trainable, committed = kept()
         else:
             # A blocked or skipped step: the state as it was, the forward pass's too.
-            unchanged = (trainable, optimizer_values, [own[id(v)] for v in self._committed()])
-            trainable, optimizer_values, committed = ops.cond(verdict["ok"], kept, lambda: unchanged)
-            forward_state = [ops.where(verdict["ok"], a, b) for a, b in zip(forward_state, non_trainable)]
+            unchanged = (trainable, optimizer_values, non_trainable, [own[id(v)] for v in self._committed()])
+            trainable, optimizer_values, non_trainable, committed = ops.cond(
+                verdict["ok"], kept, lambda: unchanged
+            )
 
         before = metrics_values[:split]
         logs, metrics_values = private.jax_update_metrics(
@@ -250,7 +189,7 @@ class JaxStep:
         logs = dict(logs)
         if self.record and not (self.policy.skip and self.policy.max_consecutive is None):
             logs[FAILED_STEP] = own_values[0]
-        return logs, (trainable, forward_state, optimizer_values, keras_metrics + own_values)
+        return logs, (trainable, non_trainable, optimizer_values, keras_metrics + own_values)
 
     def _committed(self):
         """The state the commit writes: the transforms', the sums, the global step."""
@@ -305,16 +244,19 @@ class JaxStep:
     def commit(self, values, pairs, own):
         """A zero-argument function returning the state of a kept step (for `ops.cond`).
 
-        Returns `(trainable, optimizer, committed)` values:
+        Returns `(trainable, optimizer, non-trainable, committed)` values:
         `committed` in the order of `_committed()`. Without accumulation every
         kept step updates; with it the k-th adds its gradients and updates from
-        the mean, the others only add theirs.
+        the mean, the others only add theirs. A kept step keeps what its
+        forward pass computed (BatchNormalization statistics); an update also
+        runs the update ops.
         """
         old = {id(v): own[id(v)] for v in self._committed()}
 
         def update(pairs, sums_after):
             with keras.StatelessScope(state_mapping=values.scope):
                 pairs, transform_state = self.transform(pairs)
+            forward = self.run_update_ops(values)
             trainable, optimizer_values = self._apply(self.rescale(pairs, values), values)
             new = dict(old)
             new.update(zip(map(id, self.transform_variables()), transform_state))
@@ -324,7 +266,7 @@ class JaxStep:
                 applied = optimizer_values[iterations] - values.optimizer[iterations]
                 step = self.global_step[0]
                 new[id(step)] = old[id(step)] + ops.cast(applied, step.dtype)
-            return trainable, optimizer_values, [new[id(v)] for v in self._committed()]
+            return trainable, optimizer_values, forward, [new[id(v)] for v in self._committed()]
 
         if not self.sums:
             return lambda: update(pairs, [])
@@ -340,9 +282,33 @@ class JaxStep:
         def add():
             new = dict(old)
             new.update(zip(map(id, self.sums + self.count), totals + [count + 1]))
-            return values.trainable, values.optimizer, [new[id(v)] for v in self._committed()]
+            return values.trainable, values.optimizer, values.forward, [new[id(v)] for v in self._committed()]
 
         return lambda: ops.cond(count + 1 >= k, mean, add)
+
+    def run_update_ops(self, values):
+        """The non-trainable variables' values after the update ops (TF1's barrier before the update).
+
+        On a stateless backend an update op changes what it assigns only if
+        that rides in the step's state: the model's non-trainable variables.
+        """
+        if not self.options.update_ops:
+            return values.forward
+        mapping = list(zip(values.variables, values.trainable))
+        mapping += list(zip(values.forward_variables, values.forward))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            for op in self.options.update_ops:
+                op()
+        changed = [v for v, value in mapping[: len(values.trainable)] if scope.get_current_value(v) is not value]
+        if changed or len(scope.state_mapping) != len(mapping):
+            what = f"the trainable variable {changed[0].path!r}" if changed else "a variable outside the model"
+            raise ValueError(
+                "On the JAX backend `update_ops` may change only the model's non-trainable "
+                "variables (its state is values carried from step to step; nothing else is "
+                f"written back). An update op assigned {what}. "
+                f"Received: update_ops={self.options.update_ops!r}"
+            )
+        return [scope.get_current_value(v) for v in values.forward_variables]
 
     def transform(self, pairs):
         """The transforms in order: the pairs to apply, and the new values of their state."""
@@ -428,49 +394,26 @@ class JaxStep:
 
 
 class _Values:
-    """The values a step starts from: the trainable variables', the optimizer's, and a scope's mapping."""
+    """The values a step starts from, and those its forward pass computed.
 
-    def __init__(self, trainable, optimizer, position, scope):
+    Attributes:
+        variables, trainable: the model's trainable variables and their
+            values at the step's start; `position`: the id of one -> its index.
+        optimizer: the values of the optimizer's variables.
+        scope: `(variable, value)` pairs for the transforms' stateless scope.
+        forward_variables, forward: the model's non-trainable variables, and
+            their values after the forward pass.
+    """
+
+    def __init__(self, variables, trainable, optimizer, scope, forward_variables, forward):
+        self.variables = variables
         self.trainable = trainable
+        self.position = {id(v): i for i, v in enumerate(variables)}
         self.optimizer = optimizer
-        self.position = position  # id of a trainable variable -> its index
-        self.scope = scope  # (variable, value) pairs for a StatelessScope
+        self.scope = scope
+        self.forward_variables = forward_variables
+        self.forward = forward
 
 
 def _scalar(name):
     return keras.Variable(0, dtype="int32", trainable=False, name=name)
-
-
-class HostedTrainFunction:
-    """Keras's JAX train function, raising `kt.NonFiniteError` for a call whose check failed.
-
-    JAX runs a call's steps asynchronously, and reading its failure flag at
-    once would make the host wait for every call before it sends the next.
-    So the flag of a call is read after the next call has been sent (which
-    then waits only for the call it belongs to), and after the last call
-    (`settle`, at the end of `fit` and `train_on_batch`). A failure blocks
-    every later update until the record is read, so the call sent in
-    between changes nothing: the weights are those of the last good step.
-    """
-
-    def __init__(self, model, function):
-        self.model = model
-        self.function = function
-        self.pending = None  # the last call's failure flag, not yet read
-
-    def __call__(self, state, iterator):
-        logs, state = self.function(state, iterator)
-        failed = logs.pop(FAILED_STEP, None) if isinstance(logs, dict) else None
-        previous, self.pending = self.pending, failed
-        if previous is not None and int(previous):
-            self.pending = None
-            # Write the state (as before the failed step, with its record) before raising.
-            private.jax_write_state(self.model, state)
-            raise self.model.train_pipeline.error()
-        return logs, state
-
-    def settle(self):
-        """Raises for a failure in the last call (`fit` has written the state back by then)."""
-        pending, self.pending = self.pending, None
-        if pending is not None and int(pending):
-            raise self.model.train_pipeline.error()

@@ -21,7 +21,7 @@ from keras_trainop.variables import select_variables
 # TensorFlow it is `StepPipeline`, run by `keras_trainop.host`.
 ON_JAX = keras.backend.backend() == "jax"
 if ON_JAX:
-    from keras_trainop import jax_step
+    from keras_trainop import jax_host, jax_step
 elif keras.backend.backend() != "tensorflow":
     raise ImportError(
         "keras_trainop runs on Keras's TensorFlow and JAX backends. Received: "
@@ -136,7 +136,7 @@ class TrainOpModel:
         if ON_JAX:  # before Keras's compile: a refused option changes nothing
             optimizer = kwargs.get("optimizer", args[0] if args else "rmsprop")
             # (Its warnings come once, from the step made below.)
-            jax_step.check_options(options, optimizer, warned={"optimizer-accumulation"})
+            jax_host.check_options(options, optimizer, warned={"optimizer-accumulation"})
         super().compile(*args, **kwargs)
         if not ON_JAX:
             # Keras 3.15's own `fit` fails under a multi-worker strategy.
@@ -359,7 +359,7 @@ class TrainOpModel:
             unwrapped = self.train_function
             super().make_train_function(force)
             if self.train_function is not unwrapped:
-                self.train_function = jax_step.HostedTrainFunction(self, self.train_function)
+                self.train_function = jax_host.HostedTrainFunction(self, self.train_function)
             return self.train_function
         if force:
             pipeline.hosted_functions.clear()
@@ -382,7 +382,7 @@ class TrainOpModel:
         return logs
 
     def _settle(self):
-        """On JAX, raises for a failed check in the last call (see `jax_step.HostedTrainFunction`)."""
+        """On JAX, raises for a failed check in the last call (see `jax_host.HostedTrainFunction`)."""
         settle = getattr(self.train_function, "settle", None)
         if ON_JAX and settle is not None:
             settle()

@@ -24,6 +24,7 @@ from keras_trainop import _keras_private as private
 T = kt.transforms
 ON_JAX = BACKEND == "jax"
 BATCH = 16  # 64 samples: 4 steps an epoch
+jax_only = pytest.mark.skipif(not ON_JAX, reason="what the JAX backend refuses or avoids")
 
 
 def state_of(model):
@@ -314,6 +315,44 @@ def test_a_global_step_variable_counts_applied_updates(mode):
     assert model.train_step_state.state_variables[-1] is step
 
 
+class Counter(keras.layers.Layer):
+    """Passes its input through; holds a non-trainable counter for update ops."""
+
+    def build(self, shape):
+        self.count = self.add_weight(shape=(), initializer="zeros", dtype="int32", trainable=False,
+                                     name="count")
+
+    def call(self, x):
+        return x
+
+
+def counting_model():
+    keras.utils.set_random_seed(0)
+    counter = Counter()
+    inputs = keras.Input((4,))
+    return kt.Model(inputs, keras.layers.Dense(1)(counter(inputs))), counter
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_update_ops_run_once_per_applied_update(mode):
+    model, counter = counting_model()
+    model.compile("sgd", "mse", check_numerics="skip", gradient_accumulation_steps=2,
+                  update_ops=[lambda: counter.count.assign_add(1)], **mode_kwargs(mode))
+    model.fit(*nan_data(1), batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    # 8 batches, 2 skipped: 6 kept make 3 updates of 2.
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 3
+    assert int(keras.ops.convert_to_numpy(counter.count)) == 3
+
+
+@jax_only
+def test_an_update_op_that_writes_outside_the_model_is_refused():
+    elsewhere = keras.Variable(0, dtype="int32", trainable=False)
+    model, _ = counting_model()
+    model.compile("sgd", "mse", update_ops=[lambda: elsewhere.assign_add(1)])
+    with pytest.raises(ValueError, match="may change only the model's non-trainable variables"):
+        model.fit(*regression_data(), batch_size=BATCH, verbose=0)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_mixed_float16_transforms_see_unscaled_gradients(mode):
     """kt's clip under Keras's LossScaleOptimizer: as the inner optimizer's own clip."""
@@ -395,7 +434,6 @@ def test_a_model_saved_on_one_backend_resumes_on_the_other(tmp_path):
 
 # -- the JAX backend -------------------------------------------------------------------
 
-jax_only = pytest.mark.skipif(not ON_JAX, reason="what the JAX backend refuses or avoids")
 
 
 @jax_only
@@ -413,10 +451,9 @@ def test_tensorflow_only_options_are_refused_at_compile(option, value):
 
 @jax_only
 @pytest.mark.parametrize("options", [
-    {"update_ops": [lambda: None]},
     {"summarize_gradients": True},
     {"grad_transforms": [T.chain(T.add_noise(0.1))]},
-], ids=["update_ops", "summarize_gradients", "noise"])
+], ids=["summarize_gradients", "noise"])
 def test_what_the_jax_step_lacks_is_refused_at_compile(options):
     with pytest.raises(ValueError, match="not available .*JAX backend"):
         mlp(kt.Model).compile("sgd", "mse", **options)

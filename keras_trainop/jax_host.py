@@ -1,0 +1,107 @@
+"""What the host does around the JAX backend's step (`keras_trainop.jax_step`).
+
+At `compile()`: refuse, with the reason, the options the JAX step does not
+take. After each call of the train function: raise `kt.NonFiniteError` for a
+failed check, without making the host wait for every call.
+"""
+
+import keras
+
+from keras_trainop import _keras_private as private
+from keras_trainop.options import GATE_OP, USE_GLOBAL_STEP
+from keras_trainop.optimizers import check_accumulation
+
+FAILED_STEP = "keras_trainop_failed_step"
+
+
+def check_options(options, optimizer, warned):
+    """Raises, at `compile()`, for an option the JAX step does not take, saying why.
+
+    `warned`: the warnings already given, as in `gradients.warn_once`.
+    """
+    tensorflow_only = {
+        "aggregation_method": (options.aggregation_method is not None, options.aggregation_method),
+        "gate_gradients": (options.gate_gradients != GATE_OP, options.gate_gradients),
+        "colocate_gradients_with_ops": (
+            options.colocate_gradients_with_ops, options.colocate_gradients_with_ops,
+        ),
+    }
+    for name, (given, value) in tensorflow_only.items():
+        if given:
+            raise ValueError(
+                f"`{name}` configures TensorFlow's graph gradients (`tf.gradients`) and "
+                "has no meaning on the JAX backend, where `jax.grad` computes the "
+                f"gradients: leave it at its default. Received: {name}={value!r}"
+            )
+    if options.summarize_gradients:
+        raise ValueError(
+            "`summarize_gradients` is not available on the JAX backend in this version of "
+            "keras_trainop (docs/backends.md lists what is); use the TensorFlow "
+            f"backend for it. Received: summarize_gradients={options.summarize_gradients!r}"
+        )
+    step = options.global_step
+    if not (step is USE_GLOBAL_STEP or step is None or isinstance(step, keras.Variable)):
+        raise ValueError(
+            "On the JAX backend `global_step` must be kt.USE_GLOBAL_STEP, None or a "
+            "scalar integer keras.Variable (a tf.Variable is TensorFlow's). "
+            f"Received: global_step={step!r}"
+        )
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        check_accumulation(options, optimizer, warned)
+    for transform in options.transforms:
+        stochastic = _stochastic(transform)
+        if stochastic is not None:
+            raise ValueError(
+                f"The gradient transform {stochastic!r} draws TensorFlow random numbers "
+                "and is not available on the JAX backend in this version of "
+                f"keras_trainop. Received: grad_transforms={options.transforms!r}"
+            )
+
+
+def _stochastic(transform):
+    """The noise transform in `transform` (itself or a child), or None."""
+    from keras_trainop.transforms.noise import AddNoise, AddScaledNoise
+
+    if isinstance(transform, (AddNoise, AddScaledNoise)):
+        return transform
+    children = getattr(transform, "children", None)
+    for child in children() if callable(children) else ():
+        found = _stochastic(child)
+        if found is not None:
+            return found
+    return None
+
+
+class HostedTrainFunction:
+    """Keras's JAX train function, raising `kt.NonFiniteError` for a call whose check failed.
+
+    JAX runs a call's steps asynchronously, and reading its failure flag at
+    once would make the host wait for every call before it sends the next.
+    So the flag of a call is read after the next call has been sent (which
+    then waits only for the call it belongs to), and after the last call
+    (`settle`, at the end of `fit` and `train_on_batch`). A failure blocks
+    every later update until the record is read, so the call sent in
+    between changes nothing: the weights are those of the last good step.
+    """
+
+    def __init__(self, model, function):
+        self.model = model
+        self.function = function
+        self.pending = None  # the last call's failure flag, not yet read
+
+    def __call__(self, state, iterator):
+        logs, state = self.function(state, iterator)
+        failed = logs.pop(FAILED_STEP, None) if isinstance(logs, dict) else None
+        previous, self.pending = self.pending, failed
+        if previous is not None and int(previous):
+            self.pending = None
+            # Write the state (as before the failed step, with its record) before raising.
+            private.jax_write_state(self.model, state)
+            raise self.model.train_pipeline.error()
+        return logs, state
+
+    def settle(self):
+        """Raises for a failure in the last call (`fit` has written the state back by then)."""
+        pending, self.pending = self.pending, None
+        if pending is not None and int(pending):
+            raise self.model.train_pipeline.error()
