@@ -92,13 +92,6 @@ class GradientTensorBoard(keras.callbacks.Callback):
                 "kt.Sequential or a subclass of kt.TrainOpModel) compiled with "
                 f"compile(). Received: model of type {type(model).__name__}"
             )
-        if keras.backend.backend() != "tensorflow":
-            raise ValueError(
-                "GradientTensorBoard is not available on Keras's "
-                f"{keras.backend.backend()} backend in this version of keras_trainop "
-                "(docs/backends.md); `keras.callbacks.TensorBoard` logs the loss and "
-                "the weights there."
-            )
         super().set_model(model)
 
     def on_train_begin(self, logs=None):

@@ -33,12 +33,6 @@ def check_options(options, optimizer, warned):
                 "has no meaning on the JAX backend, where `jax.grad` computes the "
                 f"gradients: leave it at its default. Received: {name}={value!r}"
             )
-    if options.summarize_gradients:
-        raise ValueError(
-            "`summarize_gradients` is not available on the JAX backend in this version of "
-            "keras_trainop (docs/backends.md lists what is); use the TensorFlow "
-            f"backend for it. Received: summarize_gradients={options.summarize_gradients!r}"
-        )
     step = options.global_step
     if not (step is USE_GLOBAL_STEP or step is None or isinstance(step, keras.Variable)):
         raise ValueError(
@@ -72,6 +66,28 @@ def _stochastic(transform):
     return None
 
 
+def make(model, make_keras_train_function, force=False):
+    """`model.train_function`: Keras's, made by `make_keras_train_function(force)`, hosted.
+
+    The step's own state is made first: Keras reads the state it carries
+    (the step's rides in `metrics_variables`) before the first call. A new
+    configuration of gradient readers (a `GradientTensorBoard` attached or
+    detached) makes a new trace.
+    """
+    step = model.train_pipeline
+    step.variables(model.trainable_variables, owner=model._owner_name())
+    if not step.built:
+        step.build_transforms(step.selected)
+    key = step.prepare_recording(model.steps_per_execution)
+    force = force or key != getattr(step, "trace_key", key)
+    step.trace_key = key
+    unwrapped = model.train_function
+    make_keras_train_function(force)
+    if model.train_function is not unwrapped:  # Keras made a new one
+        model.train_function = HostedTrainFunction(model, model.train_function)
+    return model.train_function
+
+
 class HostedTrainFunction:
     """Keras's JAX train function, raising `kt.NonFiniteError` for a call whose check failed.
 
@@ -90,15 +106,39 @@ class HostedTrainFunction:
         self.pending = None  # the last call's failure flag, not yet read
 
     def __call__(self, state, iterator):
-        logs, state = self.function(state, iterator)
-        failed = logs.pop(FAILED_STEP, None) if isinstance(logs, dict) else None
-        previous, self.pending = self.pending, failed
-        if previous is not None and int(previous):
-            self.pending = None
-            # Write the state (as before the failed step, with its record) before raising.
-            private.jax_write_state(self.model, state)
-            raise self.model.train_pipeline.error()
+        step = self.model.train_pipeline
+        try:
+            logs, state = self.function(state, iterator)
+            failed = logs.pop(FAILED_STEP, None) if isinstance(logs, dict) else None
+            previous, self.pending = self.pending, failed
+            if previous is not None and int(previous):
+                self.pending = None
+                # Write the state (as before the failed step, with its record) before raising.
+                private.jax_write_state(self.model, state)
+                raise step.error()
+        except (StopIteration, KeyboardInterrupt):
+            raise
+        except BaseException:
+            # fit() does not call on_train_end when a step raises: callbacks
+            # detach now, so that a later fit does not write into their logs.
+            step.recorder.close_on_error()
+            raise
+        if step.buffer is not None:
+            self.write_records(step, state)
         return logs, state
+
+    def write_records(self, step, state):
+        """Writes the call's new gradient records to their readers (reads the buffer: waits for the call)."""
+        riding = step.riding_variables()
+        values = dict(zip(map(id, riding), state[3][len(state[3]) - len(riding):]))
+        readers = [step.recorder.readers[n] for n in step.buffer.recording if n in step.recorder.readers]
+        if not readers:
+            return
+        after = min(r.last_written for r in readers)
+        records = step.buffer.read([values[id(v)] for v in step.buffer.variables], after)
+        skipped = int(values[id(step.counters[0])]) if step.counters else None
+        for reader in readers:
+            reader.write(records, skipped)
 
     def settle(self):
         """Raises for a failure in the last call (`fit` has written the state back by then)."""

@@ -40,9 +40,11 @@ from keras import ops
 from keras_trainop import _keras_private as private
 from keras_trainop import failures
 from keras_trainop.jax_host import FAILED_STEP, check_options
+from keras_trainop.jax_telemetry import JaxBuffer, global_norm
 from keras_trainop.numerics import NonFiniteError
 from keras_trainop.optimizers import is_loss_scale_optimizer
 from keras_trainop.summaries import variable_name
+from keras_trainop.telemetry import GradientRecorder
 from keras_trainop.transforms.base import (
     build_child,
     check_output,
@@ -51,13 +53,6 @@ from keras_trainop.transforms.base import (
 )
 from keras_trainop.variables import select_variables
 
-
-
-class _NoRecorder:
-    """The gradient recorder of a JAX step: nothing records yet."""
-
-    log_metrics = False
-    reads_gradients = False
 
 
 class JaxStep:
@@ -83,7 +78,10 @@ class JaxStep:
         self.scaled = is_loss_scale_optimizer(optimizer)
         self.selected = None
         self.built = False  # the transforms' state, the sums and the gradient flags made
-        self.recorder = _NoRecorder()
+        # Gradient statistics for summarize_gradients and GradientTensorBoard:
+        # the readers, and the buffer the step records into for them.
+        self.recorder = GradientRecorder()
+        self.buffer = None
         self.saved_state = None  # the model's `train_step_state`
         self.names = []  # `variable.path` of each selected variable, for errors
         self.record = []  # failed step, what failed, [the flags of the gradients]
@@ -135,8 +133,23 @@ class JaxStep:
         return self.transform_variables() + self.sums + self.count + self.counters + self.global_step
 
     def riding_variables(self):
-        """All of the step's own state, in the order it rides in the metrics list."""
-        return self.record + self.state_variables()
+        """All of the step's own state, in the order it rides in the metrics list (the buffer last)."""
+        return self.record + self.state_variables() + self._buffer_variables()
+
+    def _buffer_variables(self):
+        return [] if self.buffer is None else self.buffer.variables
+
+    def prepare_recording(self, steps_per_call):
+        """Makes the buffer for the readers that want records now; returns what a trace depends on."""
+        readers = {n: r for n, r in self.recorder.readers.items() if r.wanted()}
+        key = (steps_per_call, self.recorder.log_metrics, tuple((n, readers[n].config()) for n in sorted(readers)))
+        if not readers:
+            self.buffer = None
+        elif self.buffer is None or self.buffer.key != key:
+            self.buffer = JaxBuffer(steps_per_call, readers.values(), self.selected, bool(self.options.transforms))
+            self.buffer.key = key
+            self.buffer.recording = tuple(sorted(readers))
+        return key
 
     # -- the step ---------------------------------------------------------
 
@@ -155,22 +168,22 @@ class JaxStep:
         split = len(metrics_values) - len(riding)
         own = dict(zip(map(id, riding), metrics_values[split:]))
         variables = model.trainable_variables
-        position = {id(v): i for i, v in enumerate(variables)}
-        selected = self.variables(variables, owner=f"model {model.name!r}")
-        pairs = [(grads[position[id(v)]], v) for v in selected]
         scope = list(zip(variables, trainable)) + list(zip(model.non_trainable_variables, non_trainable))
         scope += [(v, own[id(v)]) for v in riding]
         values = _Values(variables, trainable, optimizer_values, scope, model.non_trainable_variables,
                          forward_state)
+        selected = self.variables(variables, owner=f"model {model.name!r}")
+        pairs = [(grads[values.position[id(v)]], v) for v in selected]
 
         verdict = self.check(loss, pairs, own, optimizer_values)
         kept = self.commit(values, self.unscale(pairs, optimizer_values), own)
         if verdict is None:
-            trainable, optimizer_values, non_trainable, committed = kept()
+            trainable, optimizer_values, non_trainable, committed, observed = kept()
         else:
             # A blocked or skipped step: the state as it was, the forward pass's too.
-            unchanged = (trainable, optimizer_values, non_trainable, [own[id(v)] for v in self._committed()])
-            trainable, optimizer_values, non_trainable, committed = ops.cond(
+            unchanged = (trainable, optimizer_values, non_trainable,
+                         [own[id(v)] for v in self._committed()], _nothing_observed())
+            trainable, optimizer_values, non_trainable, committed, observed = ops.cond(
                 verdict["ok"], kept, lambda: unchanged
             )
 
@@ -179,8 +192,8 @@ class JaxStep:
             model, before + [own[id(v)] for v in riding], loss, x, y, y_pred, sample_weight
         )
         keras_metrics = metrics_values[:split]
-        if verdict is not None and self.policy.skip:
-            keras_metrics, logs = self._kept_metrics(model, before, keras_metrics, verdict)
+        if (verdict is not None and self.policy.skip) or self.recorder.log_metrics:
+            keras_metrics, logs = self._own_metrics(model, before, keras_metrics, verdict, observed)
         new = dict(zip(map(id, self._committed()), committed))
         if verdict is not None:
             new.update(zip(map(id, self.record), verdict["record"]))
@@ -192,8 +205,8 @@ class JaxStep:
         return logs, (trainable, non_trainable, optimizer_values, keras_metrics + own_values)
 
     def _committed(self):
-        """The state the commit writes: the transforms', the sums, the global step."""
-        return self.transform_variables() + self.sums + self.count + self.global_step
+        """The state the commit writes: the transforms', the sums, the global step, the records."""
+        return self.transform_variables() + self.sums + self.count + self.global_step + self._buffer_variables()
 
     def check(self, loss, pairs, own, optimizer_values):
         """The step's verdict: whether it applies, and what the record and counters become.
@@ -244,8 +257,10 @@ class JaxStep:
     def commit(self, values, pairs, own):
         """A zero-argument function returning the state of a kept step (for `ops.cond`).
 
-        Returns `(trainable, optimizer, non-trainable, committed)` values:
-        `committed` in the order of `_committed()`. Without accumulation every
+        Returns `(trainable, optimizer, non-trainable, committed, observed)`
+        values: `committed` in the order of `_committed()`, `observed` the
+        global norms before and after the transforms and 1.0 for an update
+        (zeros for a step that only accumulates). Without accumulation every
         kept step updates; with it the k-th adds its gradients and updates from
         the mean, the others only add theirs. A kept step keeps what its
         forward pass computed (BatchNormalization statistics); an update also
@@ -254,10 +269,14 @@ class JaxStep:
         old = {id(v): own[id(v)] for v in self._committed()}
 
         def update(pairs, sums_after):
+            # What a loss-scale optimizer gets must stay non-finite if the
+            # gradients overflowed: a transform (a clip) could hide it.
+            finite = ops.all(ops.stack([ops.all(ops.isfinite(g)) for g, _ in pairs])) if self.scaled else None
+            raw = pairs
             with keras.StatelessScope(state_mapping=values.scope):
                 pairs, transform_state = self.transform(pairs)
             forward = self.run_update_ops(values)
-            trainable, optimizer_values = self._apply(self.rescale(pairs, values), values)
+            trainable, optimizer_values = self._apply(self.rescale(pairs, values, finite), values)
             new = dict(old)
             new.update(zip(map(id, self.transform_variables()), transform_state))
             new.update(zip(map(id, self.sums + self.count), sums_after))
@@ -266,7 +285,9 @@ class JaxStep:
                 applied = optimizer_values[iterations] - values.optimizer[iterations]
                 step = self.global_step[0]
                 new[id(step)] = old[id(step)] + ops.cast(applied, step.dtype)
-            return trainable, optimizer_values, forward, [new[id(v)] for v in self._committed()]
+            observed = self.observe(raw, pairs, values, new, finite)
+            new.update(zip(map(id, self._buffer_variables()), observed.pop("buffer", [])))
+            return trainable, optimizer_values, forward, [new[id(v)] for v in self._committed()], observed["norms"]
 
         if not self.sums:
             return lambda: update(pairs, [])
@@ -282,9 +303,29 @@ class JaxStep:
         def add():
             new = dict(old)
             new.update(zip(map(id, self.sums + self.count), totals + [count + 1]))
-            return values.trainable, values.optimizer, values.forward, [new[id(v)] for v in self._committed()]
+            return (values.trainable, values.optimizer, values.forward, [new[id(v)] for v in self._committed()],
+                    _nothing_observed())
 
         return lambda: ops.cond(count + 1 >= k, mean, add)
+
+    def observe(self, raw, pairs, values, new, finite):
+        """This update's statistics: `{"norms": [before, after, 1.0], "buffer": new values}`.
+
+        Recorded only for an update that applies (under a loss-scale
+        optimizer, only if what it gets is finite).
+        """
+        observed = {"norms": _nothing_observed()}
+        if self.recorder.log_metrics:
+            before = global_norm([g for g, _ in raw])
+            after = global_norm([g for g, _ in pairs]) if self.options.transforms else before
+            applied = 1.0 if finite is None else ops.cast(finite, "float32")
+            observed["norms"] = [before * applied, after * applied, ops.convert_to_tensor(applied, "float32")]
+        if self.buffer is not None:
+            step = ops.cast(values.optimizer[self._index(self.optimizer.iterations)], "int32") + 1
+            summary_step = new[id(self.global_step[0])] if self.global_step else step
+            old = [new[id(v)] for v in self.buffer.variables]
+            observed["buffer"] = self.buffer.record(old, step, summary_step, raw, pairs, finite)
+        return observed
 
     def run_update_ops(self, values):
         """The non-trainable variables' values after the update ops (TF1's barrier before the update).
@@ -327,12 +368,20 @@ class JaxStep:
             state += [ops.cast(n, v.dtype) for n, v in zip(new, state_variables)]
         return pairs, state
 
-    def rescale(self, pairs, values):
-        """Back to the loss scale, for a loss-scale optimizer (a power of two: exact)."""
+    def rescale(self, pairs, values, finite):
+        """Back to the loss scale for a loss-scale optimizer (a power of two: exact); NaN unless `finite`.
+
+        If the gradients overflowed, what the optimizer gets is NaN, so that it
+        skips the update and halves the scale, as in plain Keras.
+        """
         if not self.scaled:
             return pairs
         scale = values.optimizer[self._index(self.optimizer.dynamic_scale)]
-        return [(None if g is None else g * ops.cast(scale, g.dtype), v) for g, v in pairs]
+
+        def back(g):
+            return ops.where(finite, g * ops.cast(scale, g.dtype), float("nan"))
+
+        return [(None if g is None else back(g), v) for g, v in pairs]
 
     def _apply(self, pairs, values):
         """The optimizer's update of the selected variables; the others keep their values."""
@@ -353,16 +402,26 @@ class JaxStep:
             trainable[values.position[id(variable)]] = value
         return trainable, optimizer_values
 
-    def _kept_metrics(self, model, before, after, verdict):
-        """The metrics of a kept step, those before it for a skipped one; and the skip counted.
+    def _own_metrics(self, model, before, after, verdict, observed):
+        """The metrics after keras_trainop's part: the kept step's, the skip counted, the norms logged.
 
-        A skipped batch stays out of the loss and the metrics (one nan would
-        turn the epoch's mean into nan).
+        With the skip policy a skipped batch stays out of the loss and the
+        metrics (one nan would turn the epoch's mean into nan). With
+        `GradientTensorBoard(metrics=True)` the global norms of each update
+        are logged as `grad_norm` (and `clipped_grad_norm`).
         """
-        kept = [ops.where(verdict["ok"], a, b) for a, b in zip(after, before)]
+        skip = verdict is not None and self.policy.skip
+        kept = [ops.where(verdict["ok"], a, b) for a, b in zip(after, before)] if skip else list(after)
         references = model.metrics_variables[: len(before)]
+        recorder, trackers = self.recorder, model.train_metrics
         with keras.StatelessScope(state_mapping=list(zip(references, kept))) as scope:
-            model.train_metrics.skipped_steps.update_state(ops.cast(verdict["skipped"], "float32"))
+            if skip:
+                trackers.skipped_steps.update_state(ops.cast(verdict["skipped"], "float32"))
+            if recorder.log_metrics:
+                before_norm, after_norm, weight = observed
+                recorder.norm_tracker.update_state(before_norm, sample_weight=weight)
+                if recorder.clipped_norm_tracker is not None:
+                    recorder.clipped_norm_tracker.update_state(after_norm, sample_weight=weight)
             logs = model.get_metrics_result()
         values = [scope.get_current_value(v) for v in references]
         return [k if v is None else v for k, v in zip(kept, values)], logs
@@ -413,6 +472,11 @@ class _Values:
         self.scope = scope
         self.forward_variables = forward_variables
         self.forward = forward
+
+
+def _nothing_observed():
+    """The norms of a step that is no update, and their weight 0."""
+    return [ops.zeros((), "float32")] * 3
 
 
 def _scalar(name):

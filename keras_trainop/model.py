@@ -344,23 +344,15 @@ class TrainOpModel:
         return result
 
     def make_train_function(self, force=False):
-        """Keras's train function, run by keras_trainop's host (`keras_trainop.host`).
+        """Keras's train function, run by keras_trainop's host (`keras_trainop.host`; on JAX `jax_host`).
 
         One trace per configuration of the gradient readers (and a plain one
         next to a periodic reader's), cached: a later `fit` with the same
         callbacks traces nothing again; `force=True` traces anew.
         """
-        pipeline = self.train_pipeline
         if ON_JAX:
-            # Built before Keras reads the state (the step's rides along).
-            pipeline.variables(self.trainable_variables, owner=self._owner_name())
-            if not pipeline.built:
-                pipeline.build_transforms(pipeline.selected)
-            unwrapped = self.train_function
-            super().make_train_function(force)
-            if self.train_function is not unwrapped:
-                self.train_function = jax_host.HostedTrainFunction(self, self.train_function)
-            return self.train_function
+            return jax_host.make(self, super().make_train_function, force)
+        pipeline = self.train_pipeline
         if force:
             pipeline.hosted_functions.clear()
 

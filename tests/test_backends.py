@@ -3,7 +3,7 @@
 This file runs in one pytest process per backend (Keras picks its backend at
 import): `python -m pytest` runs it on TensorFlow with the rest of the suite,
 `KERAS_BACKEND=jax python -m pytest` runs only it (tests/conftest.py). It
-imports no TensorFlow. The oracles are NumPy (tests/oracles.py) and plain
+imports TensorFlow only to write and read event files. The oracles are NumPy (tests/oracles.py) and plain
 Keras on the same backend: its own clipping arguments, a frozen layer, and
 training on the batches a skipped step leaves out.
 """
@@ -371,6 +371,117 @@ def test_mixed_float16_transforms_see_unscaled_gradients(mode):
         keras.mixed_precision.set_dtype_policy("float32")
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_an_overflow_under_loss_scaling_is_not_hidden_by_the_transforms(mode):
+    """float16 gradients overflow at first, and zero_nans + a clip would make them finite:
+    the optimizer still skips and halves its scale, as Keras's does."""
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        x, y = regression_data()
+        y = y * 3000.0  # the scaled loss's gradients overflow float16 at the initial scale
+        model, oracle = mlp(kt.Model), mlp(keras.Model)
+        model.compile(keras.optimizers.SGD(1e-3), "mse", grad_transforms=[T.zero_nans(), T.clip_by_value(0.01)],
+                      **mode_kwargs(mode))
+        oracle.compile(keras.optimizers.SGD(1e-3, clipvalue=0.01), "mse", **mode_kwargs(mode))
+        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        oracle.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        scale = lambda m: float(keras.ops.convert_to_numpy(m.optimizer.dynamic_scale))  # noqa: E731
+        assert scale(oracle) < 32768.0  # the oracle did overflow
+        assert scale(model) == scale(oracle)
+        assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+# -- gradient telemetry -------------------------------------------------------------------
+#
+# Event files are TensorFlow's (tf.summary writes them, TensorBoard reads them),
+# on every backend, as for keras.callbacks.TensorBoard.
+
+PATHS = ["hidden/kernel", "hidden/bias", "out/kernel", "out/bias"]
+
+
+def read_events(logdir):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(
+        str(logdir), size_guidance={k: 0 for k in event_accumulator.DEFAULT_SIZE_GUIDANCE}
+    )
+    acc.Reload()
+    return acc
+
+
+def values(acc, tag):
+    import tensorflow as tf
+
+    return [(e.step, tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+
+
+def numpy_gradients(model, x, y):
+    """The gradients of the MLP's mean squared error, by hand (NumPy, float64)."""
+    w1, b1, w2, b2 = (keras.ops.convert_to_numpy(w).astype(np.float64) for w in model.weights)
+    h = np.tanh(x @ w1 + b1)
+    d_out = 2.0 * (h @ w2 + b2 - y) / y.size
+    d_z = (d_out @ w2.T) * (1.0 - h**2)
+    return dict(zip(PATHS, [x.T @ d_z, d_z.sum(0), h.T @ d_out, d_out.sum(0)]))
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+@pytest.mark.parametrize("mode", MODES)
+def test_summarize_gradients_writes_every_update_to_the_default_writer(mode, steps_per_execution, tmp_path):
+    import tensorflow as tf
+
+    x, y = regression_data()
+    model = mlp(kt.Model)
+    model.compile(keras.optimizers.SGD(0.01), "mse", summarize_gradients=True,
+                  steps_per_execution=steps_per_execution, **mode_kwargs(mode))
+    first = numpy_gradients(model, x[:BATCH].astype(np.float64), y[:BATCH].astype(np.float64))
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    writer.close()
+    acc = read_events(tmp_path)
+    assert set(acc.Tags()["tensors"]) == {f"{p}/gradient" for p in PATHS} | {f"{p}/gradient_norm" for p in PATHS}
+    for p in PATHS:
+        norms = values(acc, f"{p}/gradient_norm")
+        assert [step for step, _ in norms] == list(range(1, 9))
+        np.testing.assert_allclose(norms[0][1], np.linalg.norm(first[p]), rtol=1e-5)
+        histograms = values(acc, f"{p}/gradient")
+        assert [step for step, _ in histograms] == list(range(1, 9))
+        assert histograms[0][1][:, 2].sum() == first[p].size  # every element counted once
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_tensorboard_writes_applied_updates_at_their_steps(mode, steps_per_execution, tmp_path):
+    x, y = nan_data(1)
+    model = mlp(kt.Model)
+    model.compile(keras.optimizers.SGD(0.01), "mse", check_numerics="skip",
+                  grad_transforms=[T.clip_by_global_norm(0.05)], steps_per_execution=steps_per_execution,
+                  **mode_kwargs(mode))
+    first = numpy_gradients(model, x[:BATCH].astype(np.float64), y[:BATCH].astype(np.float64))
+    callback = kt.GradientTensorBoard(tmp_path, update_freq=2, metrics=True)
+    logs = model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[callback]).history
+    acc = read_events(tmp_path / "train")
+    per_variable = {f"{p}/gradient" for p in PATHS} | {f"{p}/gradient_norm" for p in PATHS}
+    overall = {"global_norm/gradient_norm", "global_norm/clipped_gradient_norm", "skipped_steps/total"}
+    assert set(acc.Tags()["tensors"]) == per_variable | overall
+    # 8 batches, 2 skipped: 6 updates, recorded at updates 2, 4 and 6.
+    for tag in per_variable | overall:
+        assert [step for step, _ in values(acc, tag)] == [2, 4, 6]
+    assert values(acc, "skipped_steps/total")[-1][1] == 2
+    raw = dict(values(acc, "global_norm/gradient_norm"))
+    clipped = dict(values(acc, "global_norm/clipped_gradient_norm"))
+    for step in (2, 4, 6):
+        np.testing.assert_allclose(clipped[step], min(raw[step], 0.05), rtol=1e-5)
+        norms = [dict(values(acc, f"{p}/gradient_norm"))[step] for p in PATHS]
+        np.testing.assert_allclose(np.sqrt(np.sum(np.square(norms))), clipped[step], rtol=1e-5)
+    # metrics=True: the global norms of every update, as epoch means in the logs.
+    assert len(logs["grad_norm"]) == len(logs["clipped_grad_norm"]) == 2
+    assert all(0.0 < c <= 0.05 + 1e-6 and c <= g for g, c in zip(logs["grad_norm"], logs["clipped_grad_norm"]))
+    assert logs["grad_norm"][0] > np.sqrt(sum(np.sum(g**2) for g in first.values())) / 10  # the scale is right
+
+
 # -- saving --------------------------------------------------------------------------
 
 
@@ -450,13 +561,9 @@ def test_tensorflow_only_options_are_refused_at_compile(option, value):
 
 
 @jax_only
-@pytest.mark.parametrize("options", [
-    {"summarize_gradients": True},
-    {"grad_transforms": [T.chain(T.add_noise(0.1))]},
-], ids=["summarize_gradients", "noise"])
-def test_what_the_jax_step_lacks_is_refused_at_compile(options):
+def test_noise_transforms_are_refused_at_compile():
     with pytest.raises(ValueError, match="not available .*JAX backend"):
-        mlp(kt.Model).compile("sgd", "mse", **options)
+        mlp(kt.Model).compile("sgd", "mse", grad_transforms=[T.chain(T.add_noise(0.1))])
 
 
 @jax_only
@@ -494,29 +601,23 @@ def test_minimize_says_it_is_the_tensorflow_step():
 @jax_only
 @pytest.mark.parametrize("mode", MODES)
 def test_the_jax_step_runs_no_tensorflow(mode):
-    """TensorFlow would claim a GPU's memory next to JAX once it initialises its devices."""
-    data = nan_data(1)
-    model = mlp(kt.Model, batchnorm=True)
-    step = keras.Variable(0, dtype="int32", trainable=False, name="global_step")
-    model.compile("adam", "mse", check_numerics="skip", variables_to_train=["hidden", "out"],
-                  grad_transforms=[T.clip_by_global_norm(1.0), T.adaptive_grad_clip(0.1),
-                                   T.adaptive_clip_by_global_norm(), T.centralize(), T.zero_nans()],
-                  gradient_accumulation_steps=2, global_step=step, **mode_kwargs(mode))
-    model.fit(*data, batch_size=BATCH, epochs=2, validation_data=data, verbose=0)
-    model.predict(data[0], verbose=0)
-    assert not private.tensorflow_devices_initialized()
+    """TensorFlow would claim a GPU's memory next to JAX once it initialises its devices.
+
+    In a fresh process: other tests here write event files, with TensorFlow.
+    """
+    script = os.path.join(os.path.dirname(__file__), "no_tensorflow_script.py")
+    result = subprocess.run([sys.executable, script, mode], cwd=os.path.dirname(__file__), timeout=300,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "initialised=False"
 
 
 @jax_only
-def test_the_functional_api_and_the_callback_say_they_need_tensorflow(tmp_path):
+def test_the_functional_api_says_it_needs_tensorflow():
     with pytest.raises(NotImplementedError, match="create_train_step.*TensorFlow backend"):
         kt.create_train_step(lambda: 0.0, keras.optimizers.SGD())
     with pytest.raises(NotImplementedError, match="create_train_op.*TensorFlow backend"):
         kt.create_train_op(0.0, keras.optimizers.SGD())
-    model = mlp(kt.Model)
-    model.compile("sgd", "mse")
-    with pytest.raises(ValueError, match="GradientTensorBoard is not available on Keras's jax backend"):
-        model.fit(*regression_data(), verbose=0, callbacks=[kt.GradientTensorBoard(str(tmp_path))])
 
 
 @jax_only
