@@ -44,9 +44,33 @@ def adam(**kwargs):
     return keras.optimizers.Adam(1e-3, **kwargs)
 
 
-# name -> (keras_trainop's model?, optimizer factory, compile options factory)
+class CondStep(keras.Model):
+    """Plain Keras on JAX whose update runs in an `ops.cond` on the loss's finiteness (no other check)."""
+
+    def train_step(self, state, data):
+        import jax
+
+        trainable, non_trainable, optimizer_values, metrics_values = state
+        x, y = data
+        grad_fn = jax.value_and_grad(self.compute_loss_and_updates, has_aux=True)
+        (loss, (unscaled, y_pred, non_trainable, metrics_values)), grads = grad_fn(
+            trainable, non_trainable, metrics_values, x, y, None, training=True,
+            optimizer_variables=optimizer_values)
+
+        def apply():
+            return self.optimizer.stateless_apply(optimizer_values, grads, trainable)
+
+        trainable, optimizer_values = keras.ops.cond(
+            keras.ops.isfinite(loss), apply, lambda: (trainable, optimizer_values))
+        logs, metrics_values = self._update_metrics_variables(metrics_values, unscaled, x, y, y_pred, None)
+        return logs, (trainable, non_trainable, optimizer_values, metrics_values)
+
+
+# name -> (model class: keras_trainop's (True), plain Keras (False) or a class; optimizer
+# factory; compile options factory)
 VARIANTS = {
     "plain": (False, adam, dict),
+    "plain_cond": (CondStep, adam, dict),
     "plain_clip": (False, lambda: adam(global_clipnorm=CLIP), dict),
     "plain_accumulate": (False, lambda: adam(gradient_accumulation_steps=4), dict),
     "keras_skip": (False, lambda: keras.optimizers.LossScaleOptimizer(adam()), dict),
@@ -68,6 +92,7 @@ ROWS = [
 # What a part of a feature costs (no target).
 FLOORS = [
     ("check_numerics=False vs plain keras.Model", "kt_unchecked", "plain"),
+    ("plain Keras, its update in an ops.cond vs plain Keras", "plain_cond", "plain"),
 ]
 
 
@@ -83,7 +108,8 @@ def build(model_name, variant):
         for _ in range(99):
             h = keras.layers.Dense(32, activation="relu")(h)
     outputs = keras.layers.Dense(10)(h)
-    model = (kt.Model if ours else keras.Model)(inputs, outputs)
+    cls = ours if isinstance(ours, type) else (kt.Model if ours else keras.Model)
+    model = cls(inputs, outputs)
     model.compile(
         optimizer=optimizer(),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -19,7 +19,6 @@ from conftest import BACKEND, MODES, max_abs_diff, mlp, mode_kwargs, regression_
 from oracles import CASES, NAMES, PARAMS, TOLERANCE, Sparse, make_grads, make_variables
 
 import keras_trainop as kt
-from keras_trainop import _keras_private as private
 
 T = kt.transforms
 ON_JAX = BACKEND == "jax"
