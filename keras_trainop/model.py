@@ -247,9 +247,11 @@ class TrainOpModel:
         """
         if ON_JAX:
             raise NotImplementedError(
-                "`minimize` runs the TensorFlow step; on the JAX backend a custom "
-                "`train_step(state, data)` with keras_trainop's options is not "
-                "available in this version (docs/backends.md)."
+                "`minimize` runs the TensorFlow step. On the JAX backend, customise "
+                "the loss by overriding `compute_loss(x, y, y_pred, sample_weight, "
+                "training)`, which keras_trainop's step calls, as Keras's does; a "
+                "`train_step(state, data)` of your own with keras_trainop's options is "
+                "not available in this version (docs/backends.md)."
             )
         return self._minimize(loss_fn)[0]
 

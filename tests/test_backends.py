@@ -127,6 +127,35 @@ def _subclassed(base):
     return net
 
 
+def _with_penalty(base):
+    """A subclass of `base` whose loss adds an L2 penalty of the output kernel (Keras's hook)."""
+
+    class Penalised(base):
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+            loss = super().compute_loss(x, y, y_pred, sample_weight, training)
+            return loss + 0.1 * keras.ops.sum(keras.ops.square(self.get_layer("out").kernel))
+
+    return Penalised
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_compute_loss_override_is_what_the_step_minimises(mode):
+    """Keras's backend-agnostic hook for a custom loss: the step (and its clip) sees it."""
+    x, y = regression_data()
+    model, oracle = mlp(_with_penalty(kt.Model)), mlp(_with_penalty(keras.Model))
+    model.compile(keras.optimizers.SGD(0.1), "mse", grad_transforms=[T.clip_by_global_norm(0.05)],
+                  **mode_kwargs(mode))
+    oracle.compile(keras.optimizers.SGD(0.1, global_clipnorm=0.05), "mse", **mode_kwargs(mode))
+    history = model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0).history
+    expected = oracle.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0).history
+    np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-6)
+    assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
+    plain = mlp(keras.Model)
+    plain.compile(keras.optimizers.SGD(0.1, global_clipnorm=0.05), "mse", **mode_kwargs(mode))
+    plain.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    assert max_abs_diff(state_of(model), state_of(plain)) > 1e-4  # the penalty counted
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("how", ["multiply_by_zero", "variables_to_train"])
 def test_a_frozen_layer_as_keras_freezes_it(how, mode):
@@ -593,7 +622,7 @@ def test_data_parallel_on_two_devices_equals_one_device(mode):
 def test_minimize_says_it_is_the_tensorflow_step():
     model = mlp(kt.Model)
     model.compile("sgd", "mse")
-    with pytest.raises(NotImplementedError, match="JAX backend"):
+    with pytest.raises(NotImplementedError, match="JAX backend, customise the loss by overriding `compute_loss"):
         model.minimize(lambda: 0.0)
 
 
