@@ -13,7 +13,8 @@ step on JAX is that function, with the stages of the TensorFlow step:
    "skip" every gradient too);
 3. the transforms, in a stateless scope where the variables and the
    transforms' own state read as this step's values;
-4. the commit: `ops.cond(ok, apply, keep)`: the optimizer's update, the
+4. the commit: one conditional (`ops.switch`) over keep, and apply (with
+   accumulation: add, or update from the mean): the optimizer's update, the
    transforms' new state, the gradient sums and the global step, or the state
    as it was; the forward pass's statistics and the metrics (with the skip
    policy) are selected by the same verdict. A blocked or skipped step
@@ -176,16 +177,17 @@ class JaxStep:
         pairs = [(grads[values.position[id(v)]], v) for v in selected]
 
         verdict = self.check(loss, pairs, own, optimizer_values)
-        kept = self.commit(values, self.unscale(pairs, optimizer_values), own)
-        if verdict is None:
-            trainable, optimizer_values, non_trainable, committed, observed = kept()
-        else:
+        branches, choice = self.commit(values, self.unscale(pairs, optimizer_values), own)
+        if verdict is not None:
             # A blocked or skipped step: the state as it was, the forward pass's too.
             unchanged = (trainable, optimizer_values, non_trainable,
                          [own[id(v)] for v in self._committed()], _nothing_observed())
-            trainable, optimizer_values, non_trainable, committed, observed = ops.cond(
-                verdict["ok"], kept, lambda: unchanged
-            )
+            branches = [lambda: unchanged] + branches
+            choice = ops.where(verdict["ok"], 1 + (0 if choice is None else choice), 0)
+        # One decision: a single conditional, however many branches.
+        trainable, optimizer_values, non_trainable, committed, observed = (
+            branches[0]() if choice is None else ops.switch(ops.cast(choice, "int32"), branches)
+        )
 
         before = metrics_values[:split]
         logs, metrics_values = private.jax_update_metrics(
@@ -255,10 +257,10 @@ class JaxStep:
         return [(g / ops.cast(scale, g.dtype), v) for g, v in pairs]
 
     def commit(self, values, pairs, own):
-        """A zero-argument function returning the state of a kept step (for `ops.cond`).
+        """The kept step's branches (zero-argument functions) and which one runs (None: the only one).
 
-        Returns `(trainable, optimizer, non-trainable, committed, observed)`
-        values: `committed` in the order of `_committed()`, `observed` the
+        Each branch returns `(trainable, optimizer, non-trainable, committed,
+        observed)` values: `committed` in the order of `_committed()`, `observed` the
         global norms before and after the transforms and 1.0 for an update
         (zeros for a step that only accumulates). Without accumulation every
         kept step updates; with it the k-th adds its gradients and updates from
@@ -290,7 +292,7 @@ class JaxStep:
             return trainable, optimizer_values, forward, [new[id(v)] for v in self._committed()], observed["norms"]
 
         if not self.sums:
-            return lambda: update(pairs, [])
+            return [lambda: update(pairs, [])], None
         k = self.options.gradient_accumulation_steps
         sums = [old[id(v)] for v in self.sums]
         (count,) = (old[id(v)] for v in self.count)
@@ -306,7 +308,7 @@ class JaxStep:
             return (values.trainable, values.optimizer, values.forward, [new[id(v)] for v in self._committed()],
                     _nothing_observed())
 
-        return lambda: ops.cond(count + 1 >= k, mean, add)
+        return [add, mean], ops.where(count + 1 >= k, 1, 0)
 
     def observe(self, raw, pairs, values, new, finite):
         """This update's statistics: `{"norms": [before, after, 1.0], "buffer": new values}`.
