@@ -91,31 +91,35 @@ def make(model, make_keras_train_function, force=False):
 class HostedTrainFunction:
     """Keras's JAX train function, raising `kt.NonFiniteError` for a call whose check failed.
 
-    JAX runs a call's steps asynchronously, and reading its failure flag at
-    once would make the host wait for every call before it sends the next.
-    So the flag of a call is read after the next call has been sent (which
-    then waits only for the call it belongs to), and after the last call
-    (`settle`, at the end of `fit` and `train_on_batch`). A failure blocks
-    every later update until the record is read, so the call sent in
-    between changes nothing: the weights are those of the last good step.
+    JAX runs calls asynchronously, and reading a call's failure flag at once
+    would make the host wait for each call before it sends the next. A
+    failure blocks every later update until the host reads the record, and
+    every later call's flag carries it. So the host keeps the flags of the
+    calls in flight and reads, after each call is sent, the newest one that
+    is already computed (`is_ready()`: no waiting); it waits only when
+    `MAX_IN_FLIGHT` flags are unread, and after the last call (`settle`, at
+    the end of `fit` and `train_on_batch`). The calls sent after a failure
+    change nothing: the weights are those of the last good step.
     """
+
+    MAX_IN_FLIGHT = 8
 
     def __init__(self, model, function):
         self.model = model
         self.function = function
-        self.pending = None  # the last call's failure flag, not yet read
+        self.pending = []  # the failure flags of the calls not yet read, oldest first
 
     def __call__(self, state, iterator):
         step = self.model.train_pipeline
         try:
             logs, state = self.function(state, iterator)
             failed = logs.pop(FAILED_STEP, None) if isinstance(logs, dict) else None
-            previous, self.pending = self.pending, failed
-            if previous is not None and int(previous):
-                self.pending = None
-                # Write the state (as before the failed step, with its record) before raising.
-                private.jax_write_state(self.model, state)
-                raise step.error()
+            if failed is not None:
+                self.pending.append(failed)
+                if self._failed(wait=len(self.pending) > self.MAX_IN_FLIGHT):
+                    # Write the state (as before the failed step, with its record) before raising.
+                    private.jax_write_state(self.model, state)
+                    raise step.error()
         except (StopIteration, KeyboardInterrupt):
             raise
         except BaseException:
@@ -126,6 +130,19 @@ class HostedTrainFunction:
         if step.buffer is not None:
             self.write_records(step, state)
         return logs, state
+
+    def _failed(self, wait):
+        """Whether a read flag says a step failed; reads the newest computed one (or the oldest, if `wait`)."""
+        ready = [i for i, flag in enumerate(self.pending) if _is_ready(flag)]
+        if not ready and not wait:
+            return False
+        newest = ready[-1] if ready else 0
+        flag = self.pending[newest]
+        del self.pending[: newest + 1]
+        if int(flag):
+            self.pending = []
+            return True
+        return False
 
     def write_records(self, step, state):
         """Writes the call's new gradient records to their readers (reads the buffer: waits for the call)."""
@@ -141,7 +158,13 @@ class HostedTrainFunction:
             reader.write(records, skipped)
 
     def settle(self):
-        """Raises for a failure in the last call (`fit` has written the state back by then)."""
-        pending, self.pending = self.pending, None
-        if pending is not None and int(pending):
+        """Raises for a failure in the calls not read yet (`fit` has written the state back by then)."""
+        pending, self.pending = self.pending, []
+        if pending and int(pending[-1]):  # the newest flag carries every earlier failure
             raise self.model.train_pipeline.error()
+
+
+def _is_ready(value):
+    """Whether a JAX array is computed (public `jax.Array.is_ready`); other values always are."""
+    is_ready = getattr(value, "is_ready", None)
+    return True if is_ready is None else is_ready()
