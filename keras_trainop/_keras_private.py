@@ -287,6 +287,16 @@ def jax_update_metrics(model, metrics_values, loss, x, y, y_pred, sample_weight)
     return model._update_metrics_variables(metrics_values, loss, x, y, y_pred, sample_weight)
 
 
+def optimizer_variables_built_for(optimizer):
+    """The variables an optimizer was built for, in the order `stateless_apply` takes them.
+
+    `stateless_apply(optimizer_variables, grads, trainable_variables)` wants
+    exactly these (`Optimizer._trainable_variables`); Keras has no public name
+    for the list.
+    """
+    return optimizer._trainable_variables
+
+
 def jax_write_state(model, state):
     """Writes a JAX train step's returned state into the model's variables now.
 

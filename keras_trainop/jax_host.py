@@ -75,7 +75,7 @@ def make(model, make_keras_train_function, force=False):
     detached) makes a new trace.
     """
     step = model.train_pipeline
-    step.variables(model.trainable_variables, owner=model._owner_name())
+    step.variables(model.trainable_variables, owner=f"model {model.name!r}")
     if not step.built:
         step.build_transforms(step.selected)
     key = step.prepare_recording(model.steps_per_execution)

@@ -389,7 +389,7 @@ class JaxStep:
         """The optimizer's update of the selected variables; the others keep their values."""
         optimizer = self.optimizer
         given = {id(v): g for g, v in pairs}
-        own = optimizer._trainable_variables  # the variables it was built for
+        own = private.optimizer_variables_built_for(optimizer)
         grads = [given.get(id(v)) for v in own]
         current = [values.trainable[values.position[id(v)]] for v in own]
         with warnings.catch_warnings():

@@ -19,6 +19,7 @@ from conftest import BACKEND, MODES, max_abs_diff, mlp, mode_kwargs, regression_
 from oracles import CASES, NAMES, PARAMS, TOLERANCE, Sparse, make_grads, make_variables
 
 import keras_trainop as kt
+from keras_trainop import _keras_private as private
 
 T = kt.transforms
 ON_JAX = BACKEND == "jax"
@@ -653,6 +654,8 @@ def test_the_private_jax_hooks_exist():
     """keras_trainop's JAX step leans on these (keras_trainop/_keras_private.py)."""
     model = mlp(kt.Model)
     model.compile("sgd", "mse")
+    model.fit(*regression_data(), batch_size=BATCH, verbose=0)
+    assert [id(v) for v in private.optimizer_variables_built_for(model.optimizer)] == [id(v) for v in model.trainable_variables]
     assert callable(model._update_metrics_variables)
     assert callable(model.jax_state_sync)
     assert model._jax_state_synced is True
