@@ -46,14 +46,8 @@ from keras_trainop.numerics import NonFiniteError
 from keras_trainop.optimizers import is_loss_scale_optimizer
 from keras_trainop.summaries import variable_name
 from keras_trainop.telemetry import GradientRecorder
-from keras_trainop.transforms.base import (
-    build_child,
-    check_output,
-    child_variables,
-    run_transform,
-)
+from keras_trainop.transforms.base import build_child, child_variables, run_transforms
 from keras_trainop.variables import select_variables
-
 
 
 class JaxStep:
@@ -97,15 +91,10 @@ class JaxStep:
 
     # -- variables --------------------------------------------------------
 
-    def variables(self, candidates, trainable=None, owner="the model"):
-        """The variables to train, resolved once from `variables_to_train`."""
+    def variables(self, candidates, owner="the model"):
+        """The variables to train, resolved once from `variables_to_train` among the trainable `candidates`."""
         if self.selected is None:
-            self.selected = select_variables(
-                self.options.variables_to_train,
-                candidates,
-                candidates if trainable is None else trainable,
-                owner,
-            )
+            self.selected = select_variables(self.options.variables_to_train, candidates, candidates, owner)
         return self.selected
 
     def build_transforms(self, variables):
@@ -355,20 +344,8 @@ class JaxStep:
 
     def transform(self, pairs):
         """The transforms in order: the pairs to apply, and the new values of their state."""
-        allowed = {id(v) for _, v in pairs}
-        state = []
-        for i, transform in enumerate(self.options.transforms):
-            state_variables = child_variables(transform)
-            before = [ops.convert_to_tensor(v) for v in state_variables]
-            result, new = run_transform(transform, pairs, before)
-            if len(new) != len(state_variables):
-                raise ValueError(
-                    f"Gradient transform {i} ({transform!r}) must return one new value per "
-                    f"state variable ({len(state_variables)}). Received: {len(new)} values"
-                )
-            pairs = check_output(i, transform, result, allowed)
-            state += [ops.cast(n, v.dtype) for n, v in zip(new, state_variables)]
-        return pairs, state
+        pairs, state = run_transforms(self.options.transforms, pairs)
+        return pairs, [ops.cast(new, v.dtype) for v, _, new in state]
 
     def rescale(self, pairs, values, finite):
         """Back to the loss scale for a loss-scale optimizer (a power of two: exact); NaN unless `finite`.

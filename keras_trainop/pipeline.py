@@ -41,11 +41,9 @@ from keras_trainop.options import USE_GLOBAL_STEP
 from keras_trainop.telemetry import SUMMARIES, GradientRecorder
 from keras_trainop.transforms.base import (
     build_child,
-    check_output,
     child_variables,
     map_values,
-    read_state,
-    run_transform,
+    run_transforms,
     self_written_variables,
 )
 from keras_trainop.variables import select_variables
@@ -313,20 +311,7 @@ class StepPipeline:
 
     def transform(self, grads_and_vars):
         """The transforms in order: the pairs to apply, and `(variable, before, new)` of their state."""
-        allowed = {id(v) for _, v in grads_and_vars}
-        state = []
-        for i, transform in enumerate(self.options.transforms):
-            state_variables = child_variables(transform)
-            before = read_state(state_variables)
-            result, new = run_transform(transform, grads_and_vars, before)
-            if len(new) != len(state_variables):
-                raise ValueError(
-                    f"Gradient transform {i} ({transform!r}) must return one new value per "
-                    f"state variable ({len(state_variables)}). Received: {len(new)} values"
-                )
-            grads_and_vars = check_output(i, transform, result, allowed)
-            state += zip(state_variables, before, new)
-        return grads_and_vars, state
+        return run_transforms(self.options.transforms, grads_and_vars)
 
     def _writes_own_state(self, variable):
         """Whether `variable` belongs to a transform that assigns it itself (the older protocol)."""

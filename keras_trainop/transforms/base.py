@@ -174,6 +174,28 @@ def run_transform(transform, grads_and_vars, state):
     return result, read_state(child_variables(transform))
 
 
+def run_transforms(transforms, grads_and_vars):
+    """The transforms in order: the pairs to apply, and `(variable, before, new)` of their state.
+
+    What the step (on every backend) runs: each transform's output is checked
+    (`check_output`), and its new state is returned, not written.
+    """
+    allowed = {id(v) for _, v in grads_and_vars}
+    state = []
+    for i, transform in enumerate(transforms):
+        state_variables = child_variables(transform)
+        before = read_state(state_variables)
+        result, new = run_transform(transform, grads_and_vars, before)
+        if len(new) != len(state_variables):
+            raise ValueError(
+                f"Gradient transform {i} ({transform!r}) must return one new value per "
+                f"state variable ({len(state_variables)}). Received: {len(new)} values"
+            )
+        grads_and_vars = check_output(i, transform, result, allowed)
+        state += zip(state_variables, before, new)
+    return grads_and_vars, state
+
+
 # -- gradients ----------------------------------------------------------------
 
 
