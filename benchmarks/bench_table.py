@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_trainop as kt  # noqa: E402
+from models import network  # noqa: E402
 from bench_overhead import BatchTimer  # noqa: E402
 
 BATCH = 128
@@ -113,18 +114,8 @@ FLOORS = [
 
 def build(model_name, variant, jit_auto):
     ours, optimizer, options, jit = VARIANTS[variant]
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((784,))
-    if model_name == "mlp":
-        h = keras.layers.Dense(256, activation="relu")(inputs)
-        h = keras.layers.Dense(256, activation="relu")(h)
-    else:
-        h = keras.layers.Dense(32, activation="relu")(inputs)
-        for _ in range(99):
-            h = keras.layers.Dense(32, activation="relu")(h)
-    outputs = keras.layers.Dense(10)(h)
     cls = ours if isinstance(ours, type) else (kt.Model if ours else keras.Model)
-    model = cls(inputs, outputs)
+    model = network(model_name, cls)
     model.compile(
         optimizer=optimizer(),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -79,9 +79,19 @@ def optimizer_state(model):
     return [v.numpy() for v in model.optimizer.variables]
 
 
+def _dtype_policy(name):
+    keras.mixed_precision.set_dtype_policy(name)
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
 @pytest.fixture
 def mixed_float16():
     """The mixed_float16 dtype policy for one test (Keras then wraps optimizers in a LossScaleOptimizer)."""
-    keras.mixed_precision.set_dtype_policy("mixed_float16")
-    yield
-    keras.mixed_precision.set_dtype_policy("float32")
+    yield from _dtype_policy("mixed_float16")
+
+
+@pytest.fixture
+def mixed_bfloat16():
+    """The mixed_bfloat16 dtype policy for one test (no loss scaling)."""
+    yield from _dtype_policy("mixed_bfloat16")

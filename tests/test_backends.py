@@ -297,20 +297,16 @@ def test_a_users_stateful_transforms_count_only_applied_updates(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_mixed_bfloat16_clip_equals_kerass_own(mode):
-    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
-    try:
-        x, y = regression_data()
-        model, oracle = mlp(kt.Model), mlp(keras.Model)
-        model.compile(keras.optimizers.SGD(0.1), "mse", grad_transforms=[T.clip_by_global_norm(0.05)],
-                      check_numerics="all", **mode_kwargs(mode))
-        oracle.compile(keras.optimizers.SGD(0.1, global_clipnorm=0.05), "mse", **mode_kwargs(mode))
-        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
-        oracle.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
-        assert model.weights[0].dtype == "float32"
-        assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
-    finally:
-        keras.mixed_precision.set_dtype_policy("float32")
+def test_mixed_bfloat16_clip_equals_kerass_own(mode, mixed_bfloat16):
+    x, y = regression_data()
+    model, oracle = mlp(kt.Model), mlp(keras.Model)
+    model.compile(keras.optimizers.SGD(0.1), "mse", grad_transforms=[T.clip_by_global_norm(0.05)],
+                  check_numerics="all", **mode_kwargs(mode))
+    oracle.compile(keras.optimizers.SGD(0.1, global_clipnorm=0.05), "mse", **mode_kwargs(mode))
+    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    oracle.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    assert model.weights[0].dtype == "float32"
+    assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
 
 
 # -- accumulation, the global step, loss scaling ----------------------------------------
@@ -383,43 +379,35 @@ def test_an_update_op_that_writes_outside_the_model_is_refused():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_mixed_float16_transforms_see_unscaled_gradients(mode):
+def test_mixed_float16_transforms_see_unscaled_gradients(mode, mixed_float16):
     """kt's clip under Keras's LossScaleOptimizer: as the inner optimizer's own clip."""
-    keras.mixed_precision.set_dtype_policy("mixed_float16")
-    try:
-        x, y = regression_data()
-        model, oracle = mlp(kt.Model), mlp(keras.Model)
-        model.compile(keras.optimizers.SGD(0.1), "mse", grad_transforms=[T.clip_by_global_norm(0.05)],
-                      **mode_kwargs(mode))
-        oracle.compile(keras.optimizers.SGD(0.1, global_clipnorm=0.05), "mse", **mode_kwargs(mode))
-        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
-        oracle.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
-        assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
-    finally:
-        keras.mixed_precision.set_dtype_policy("float32")
+    x, y = regression_data()
+    model, oracle = mlp(kt.Model), mlp(keras.Model)
+    model.compile(keras.optimizers.SGD(0.1), "mse", grad_transforms=[T.clip_by_global_norm(0.05)],
+                  **mode_kwargs(mode))
+    oracle.compile(keras.optimizers.SGD(0.1, global_clipnorm=0.05), "mse", **mode_kwargs(mode))
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    oracle.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_an_overflow_under_loss_scaling_is_not_hidden_by_the_transforms(mode):
+def test_an_overflow_under_loss_scaling_is_not_hidden_by_the_transforms(mode, mixed_float16):
     """float16 gradients overflow at first, and zero_nans + a clip would make them finite:
     the optimizer still skips and halves its scale, as Keras's does."""
-    keras.mixed_precision.set_dtype_policy("mixed_float16")
-    try:
-        x, y = regression_data()
-        y = y * 3000.0  # the scaled loss's gradients overflow float16 at the initial scale
-        model, oracle = mlp(kt.Model), mlp(keras.Model)
-        model.compile(keras.optimizers.SGD(1e-3), "mse", grad_transforms=[T.zero_nans(), T.clip_by_value(0.01)],
-                      **mode_kwargs(mode))
-        oracle.compile(keras.optimizers.SGD(1e-3, clipvalue=0.01), "mse", **mode_kwargs(mode))
-        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
-        oracle.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
-        scale = lambda m: float(keras.ops.convert_to_numpy(m.optimizer.dynamic_scale))  # noqa: E731
-        assert scale(oracle) < 32768.0  # the oracle did overflow
-        assert scale(model) == scale(oracle)
-        assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
-    finally:
-        keras.mixed_precision.set_dtype_policy("float32")
+    x, y = regression_data()
+    y = y * 3000.0  # the scaled loss's gradients overflow float16 at the initial scale
+    model, oracle = mlp(kt.Model), mlp(keras.Model)
+    model.compile(keras.optimizers.SGD(1e-3), "mse", grad_transforms=[T.zero_nans(), T.clip_by_value(0.01)],
+                  **mode_kwargs(mode))
+    oracle.compile(keras.optimizers.SGD(1e-3, clipvalue=0.01), "mse", **mode_kwargs(mode))
+    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    oracle.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    scale = lambda m: float(keras.ops.convert_to_numpy(m.optimizer.dynamic_scale))  # noqa: E731
+    assert scale(oracle) < 32768.0  # the oracle did overflow
+    assert scale(model) == scale(oracle)
+    assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
 
 
 # -- gradient telemetry -------------------------------------------------------------------
