@@ -54,6 +54,24 @@ def mlp(cls=keras.Model, features=4, hidden=8, seed=0, batchnorm=False):
     return cls(inputs, outputs)
 
 
+class SubclassedMLP(keras.Model):
+    """`mlp()` subclassed: its layers made in `__init__`, its weights at the first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="tanh")
+        self.out = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def sequential_mlp(cls, seed=0):
+    """`mlp()` as a `cls` (a Sequential class), with fixed initial weights."""
+    keras.utils.set_random_seed(seed)
+    return cls([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
+
+
 def max_abs_diff(a, b):
     """The largest elementwise difference of two equally long lists of equally shaped arrays."""
     a, b = list(a), list(b)

@@ -15,7 +15,16 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND, MODES, max_abs_diff, mlp, mode_kwargs, regression_data
+from conftest import (
+    BACKEND,
+    MODES,
+    SubclassedMLP,
+    max_abs_diff,
+    mlp,
+    mode_kwargs,
+    regression_data,
+    sequential_mlp,
+)
 from oracles import CASES, NAMES, PARAMS, TOLERANCE, Sparse, make_grads, make_variables
 
 import keras_trainop as kt
@@ -93,9 +102,9 @@ def test_clip_equals_kerass_own_argument(cls, kind, mode):
     transform, keras_argument = CLIPS[kind]
     x, y = regression_data()
     if cls == "subclass":
-        model, oracle = _subclassed(kt.Model), _subclassed(keras.Model)
+        model, oracle = _built(KtSubclassedMLP()), _built(SubclassedMLP())
     elif cls is kt.Sequential:
-        model, oracle = _sequential(kt.Sequential), _sequential(keras.Sequential)
+        model, oracle = sequential_mlp(kt.Sequential), sequential_mlp(keras.Sequential)
     else:
         model, oracle = mlp(kt.Model), mlp(keras.Model)
     oracle.set_weights(model.get_weights())
@@ -109,23 +118,13 @@ def test_clip_equals_kerass_own_argument(cls, kind, mode):
     np.testing.assert_allclose(model.predict(x, verbose=0), oracle.predict(x, verbose=0), atol=1e-6)
 
 
-def _sequential(cls):
-    return cls([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
+class KtSubclassedMLP(kt.TrainOpModel, SubclassedMLP):
+    pass
 
 
-def _subclassed(base):
-    class Net(base):
-        def __init__(self):
-            super().__init__()
-            self.hidden = keras.layers.Dense(8, activation="tanh")
-            self.out = keras.layers.Dense(1)
-
-        def call(self, x):
-            return self.out(self.hidden(x))
-
-    net = Net()
-    net(np.zeros((1, 4), "float32"))  # built by a call, so that the weights can be copied
-    return net
+def _built(model):
+    model(np.zeros((1, 4), "float32"))  # built by a call, so that the weights can be copied
+    return model
 
 
 def _with_penalty(base):

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import MODES, mlp, mode_kwargs, regression_data
+from conftest import MODES, SubclassedMLP, mlp, mode_kwargs, regression_data
 from tensorboard.backend.event_processing import event_accumulator
 
 import keras_trainop as kt
@@ -313,14 +313,8 @@ def test_a_tensorboard_server_serves_the_gradient_histogram(tmp_path):
     assert sum(bucket[2] for bucket in data[0][2]) == 8  # out/kernel: 8 x 1
 
 
-class BuiltNet(kt.Model):
-    def __init__(self):
-        super().__init__()
-        self.hidden = keras.layers.Dense(8, activation="tanh")
-        self.out = keras.layers.Dense(1)
-
-    def call(self, x):
-        return self.out(self.hidden(x))
+class BuiltNet(kt.Model, SubclassedMLP):
+    pass
 
 
 def test_a_subclassed_model_built_before_compile_logs_grad_norm_and_skips(tmp_path):

@@ -6,7 +6,16 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import MODES, max_abs_diff, mlp, mode_kwargs, optimizer_state, regression_data
+from conftest import (
+    MODES,
+    SubclassedMLP,
+    max_abs_diff,
+    mlp,
+    mode_kwargs,
+    optimizer_state,
+    regression_data,
+    sequential_mlp,
+)
 from tensorboard.backend.event_processing import event_accumulator
 
 import keras_trainop as kt
@@ -40,23 +49,12 @@ def test_default_options_train_like_plain_keras(mode):
     assert max_abs_diff(optimizer_state(ours), optimizer_state(theirs)) == 0
 
 
-class PlainNet(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.hidden = keras.layers.Dense(8, activation="tanh")
-        self.out = keras.layers.Dense(1)
-
-    def call(self, x):
-        return self.out(self.hidden(x))
+PlainNet = SubclassedMLP
+sequential = sequential_mlp
 
 
 class Net(kt.TrainOpModel, PlainNet):
     pass
-
-
-def sequential(cls):
-    keras.utils.set_random_seed(0)
-    return cls([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
 
 
 def subclassed(cls):
