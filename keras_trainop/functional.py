@@ -40,7 +40,7 @@ def _require_tensorflow(name):
     if backend != "tensorflow":
         raise NotImplementedError(
             f"`kt.{name}` runs TensorFlow's step and needs Keras's TensorFlow backend. "
-            f"Received: KERAS_BACKEND={backend!r}. On JAX, train with `model.fit` "
+            f"Received: KERAS_BACKEND={backend!r}. On JAX and PyTorch, train with `model.fit` "
             "and the options of `compile()` (docs/backends.md)."
         )
 

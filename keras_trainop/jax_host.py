@@ -1,69 +1,13 @@
 """What the host does around the JAX backend's step (`keras_trainop.jax_step`).
 
-At `compile()`: refuse, with the reason, the options the JAX step does not
-take. After each call of the train function: raise `kt.NonFiniteError` for a
-failed check, without making the host wait for every call.
+After each call of the train function: raise `kt.NonFiniteError` for a
+failed check, without making the host wait for every call, and write the
+gradient records of the call to their readers.
 """
 
-import keras
-
 from keras_trainop import _keras_private as private
-from keras_trainop.options import GATE_OP, USE_GLOBAL_STEP
-from keras_trainop.optimizers import check_accumulation
 
 FAILED_STEP = "keras_trainop_failed_step"
-
-
-def check_options(options, optimizer, warned):
-    """Raises, at `compile()`, for an option the JAX step does not take, saying why.
-
-    `warned`: the warnings already given, as in `gradients.warn_once`.
-    """
-    tensorflow_only = {
-        "aggregation_method": (options.aggregation_method is not None, options.aggregation_method),
-        "gate_gradients": (options.gate_gradients != GATE_OP, options.gate_gradients),
-        "colocate_gradients_with_ops": (
-            options.colocate_gradients_with_ops, options.colocate_gradients_with_ops,
-        ),
-    }
-    for name, (given, value) in tensorflow_only.items():
-        if given:
-            raise ValueError(
-                f"`{name}` configures TensorFlow's graph gradients (`tf.gradients`) and "
-                "has no meaning on the JAX backend, where `jax.grad` computes the "
-                f"gradients: leave it at its default. Received: {name}={value!r}"
-            )
-    step = options.global_step
-    if not (step is USE_GLOBAL_STEP or step is None or isinstance(step, keras.Variable)):
-        raise ValueError(
-            "On the JAX backend `global_step` must be kt.USE_GLOBAL_STEP, None or a "
-            "scalar integer keras.Variable (a tf.Variable is TensorFlow's). "
-            f"Received: global_step={step!r}"
-        )
-    if isinstance(optimizer, keras.optimizers.Optimizer):
-        check_accumulation(options, optimizer, warned)
-    for transform in options.transforms:
-        stochastic = _stochastic(transform)
-        if stochastic is not None:
-            raise ValueError(
-                f"The gradient transform {stochastic!r} draws TensorFlow random numbers "
-                "and is not available on the JAX backend in this version of "
-                f"keras_trainop. Received: grad_transforms={options.transforms!r}"
-            )
-
-
-def _stochastic(transform):
-    """The noise transform in `transform` (itself or a child), or None."""
-    from keras_trainop.transforms.noise import AddNoise, AddScaledNoise
-
-    if isinstance(transform, (AddNoise, AddScaledNoise)):
-        return transform
-    children = getattr(transform, "children", None)
-    for child in children() if callable(children) else ():
-        found = _stochastic(child)
-        if found is not None:
-            return found
-    return None
 
 
 def make(model, make_keras_train_function, force=False):
@@ -148,14 +92,7 @@ class HostedTrainFunction:
         """Writes the call's new gradient records to their readers (reads the buffer: waits for the call)."""
         riding = step.riding_variables()
         values = dict(zip(map(id, riding), state[3][len(state[3]) - len(riding):]))
-        readers = [step.recorder.readers[n] for n in step.buffer.recording if n in step.recorder.readers]
-        if not readers:
-            return
-        after = min(r.last_written for r in readers)
-        records = step.buffer.read([values[id(v)] for v in step.buffer.variables], after)
-        skipped = int(values[id(step.counters[0])]) if step.counters else None
-        for reader in readers:
-            reader.write(records, skipped)
+        step.write_records(lambda variable: values[id(variable)])
 
     def settle(self):
         """Raises for a failure in the calls not read yet (`fit` has written the state back by then)."""

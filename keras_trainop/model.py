@@ -16,29 +16,44 @@ from keras_trainop.state import StepState
 from keras_trainop.telemetry import SUMMARIES, Reader
 from keras_trainop.variables import select_variables
 
-# Keras picks its backend once, at import. On JAX the step is
+# Keras picks its backend once, at import. On TensorFlow the step is
+# `StepPipeline`, run by `keras_trainop.host`; on JAX it is
 # `keras_trainop.jax_step` (Keras's stateless `train_step(state, data)`); on
-# TensorFlow it is `StepPipeline`, run by `keras_trainop.host`.
-ON_JAX = keras.backend.backend() == "jax"
+# PyTorch `keras_trainop.torch_step`.
+BACKEND = keras.backend.backend()
+ON_TENSORFLOW = BACKEND == "tensorflow"
+ON_JAX = BACKEND == "jax"
+ON_TORCH = BACKEND == "torch"
 if ON_JAX:
     from keras_trainop import jax_host, jax_step
-elif keras.backend.backend() != "tensorflow":
+elif ON_TORCH:
+    from keras_trainop import torch_step
+elif not ON_TENSORFLOW:
     raise ImportError(
-        "keras_trainop runs on Keras's TensorFlow and JAX backends. Received: "
-        f"KERAS_BACKEND={keras.backend.backend()!r}"
+        "keras_trainop runs on Keras's TensorFlow, JAX and PyTorch backends. Received: "
+        f"KERAS_BACKEND={BACKEND!r}"
     )
+if not ON_TENSORFLOW:
+    from keras_trainop.backend_step import check_options
 
 
 def _batch_size(x):
+    if not ON_TENSORFLOW:
+        return keras.ops.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
     first = next(t for t in tf.nest.flatten(x) if t is not None)
     return tf.shape(first)[0]
+
+
+def _replicas():
+    """The replicas a step's loss is divided among (TensorFlow's strategies; 1 elsewhere)."""
+    return tf.distribute.get_strategy().num_replicas_in_sync if ON_TENSORFLOW else 1
 
 
 def _unscale_for_distribution(loss):
     # Keras divides each replica's loss by the number of replicas; its loss
     # metric reports the loss multiplied back (as Keras's own train_step does).
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    return loss * tf.cast(replicas, loss.dtype) if replicas > 1 else loss
+    replicas = _replicas()
+    return loss * keras.ops.cast(replicas, loss.dtype) if replicas > 1 else loss
 
 
 class TrainOpModel:
@@ -133,12 +148,12 @@ class TrainOpModel:
         # Resolved before anything changes, so that a bad selection leaves the
         # previous compiled state as it was.
         selected = self._resolve_selection(options)
-        if ON_JAX:  # before Keras's compile: a refused option changes nothing
+        if not ON_TENSORFLOW:  # before Keras's compile: a refused option changes nothing
             optimizer = kwargs.get("optimizer", args[0] if args else "rmsprop")
             # (Its warnings come once, from the step made below.)
-            jax_host.check_options(options, optimizer, warned={"optimizer-accumulation"})
+            check_options(options, optimizer, warned={"optimizer-accumulation"})
         super().compile(*args, **kwargs)
-        if not ON_JAX:
+        if ON_TENSORFLOW:
             # Keras 3.15's own `fit` fails under a multi-worker strategy.
             private.patch_fit_for_strategy(self.distribute_strategy)
         self.train_options = options
@@ -165,6 +180,8 @@ class TrainOpModel:
     def _make_pipeline(self, options, selected):
         if ON_JAX:
             pipeline = jax_step.JaxStep(options, self.optimizer)
+        elif ON_TORCH:
+            pipeline = torch_step.TorchStep(options, self.optimizer)
         else:
             pipeline = StepPipeline(options, self.optimizer)
         if selected is not None:
@@ -204,7 +221,7 @@ class TrainOpModel:
         built its transforms): TensorFlow tracks it, Keras does not (it is
         neither a layer nor a variable), so the model's weights stay its own.
         """
-        if ON_JAX:  # a TensorFlow checkpoint is TensorFlow's
+        if not ON_TENSORFLOW:  # a TensorFlow checkpoint is TensorFlow's
             return
         state = self.train_pipeline.state_variables()
         holder = getattr(self, "_checkpointed_step_state", None)
@@ -278,8 +295,7 @@ class TrainOpModel:
         tracker = self.train_metrics.skipped_steps
         if tracker is not None and self.train_options.numerics.skip:
             # Every replica reports the same skip; the metric sums replicas.
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            tracker.update_state(skipped / replicas)
+            tracker.update_state(skipped / _replicas())
         return aux, skipped
 
     def train_step(self, *args):
@@ -314,7 +330,7 @@ class TrainOpModel:
             # them in the same cond as the update, only for a kept step.
             self._minimize(loss_fn, on_kept=update_metrics)
             logs = self.get_metrics_result()
-        return host.with_failure_record(logs, self.train_pipeline)
+        return host.with_failure_record(logs, self.train_pipeline) if ON_TENSORFLOW else logs
 
     @property
     def metrics(self):
@@ -354,6 +370,8 @@ class TrainOpModel:
         """
         if ON_JAX:
             return jax_host.make(self, super().make_train_function, force)
+        if ON_TORCH:
+            return torch_step.make(self, super().make_train_function, force)
         pipeline = self.train_pipeline
         if force:
             pipeline.hosted_functions.clear()

@@ -20,8 +20,21 @@ if BACKEND != "tensorflow":
         if name.startswith("test_") and name.endswith(".py") and name not in ON_EVERY_BACKEND
     ]
 
-# Execution modes: on JAX, a step without jit is the eager one.
-MODES = ["eager", "graph", "jit"] if BACKEND == "tensorflow" else ["eager", "jit"]
+# Execution modes: on JAX, a step without jit is the eager one. On PyTorch
+# the step is eager; `jit_compile=True` (torch.compile, about 40 s a model on
+# 2 CPU cores) has its own tests in test_backends.py.
+MODES = {"tensorflow": ["eager", "graph", "jit"], "jax": ["eager", "jit"], "torch": ["eager"]}[BACKEND]
+
+
+def pytest_collection_modifyitems(items):
+    """On PyTorch, Keras refuses `steps_per_execution` > 1: those cases are skipped, saying so."""
+    if BACKEND != "torch":
+        return
+    refused = pytest.mark.skip(reason="Keras: `steps_per_execution` must be 1 with the PyTorch backend")
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("steps_per_execution", 1) > 1:
+            item.add_marker(refused)
 
 
 def mode_kwargs(mode):

@@ -1,12 +1,12 @@
-"""tests/test_backends.py's check that the JAX step runs no TensorFlow, in a fresh process.
+"""tests/test_backends.py's check that the JAX or PyTorch step runs no TensorFlow, in a fresh process.
 
-    KERAS_BACKEND=jax python no_tensorflow_script.py MODE     prints initialised=True|False
+    python no_tensorflow_script.py BACKEND MODE     prints initialised=True|False
 """
 
 import os
 import sys
 
-os.environ["KERAS_BACKEND"] = "jax"
+os.environ["KERAS_BACKEND"] = sys.argv[1]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
@@ -24,7 +24,7 @@ def main(mode):
     model = mlp(kt.Model, batchnorm=True)
     step = keras.Variable(0, dtype="int32", trainable=False, name="global_step")
     model.compile("adam", "mse", check_numerics="skip", variables_to_train=["hidden", "out"],
-                  grad_transforms=[T.clip_by_global_norm(1.0), T.adaptive_grad_clip(0.1),
+                  grad_transforms=[T.clip_by_global_norm(1.0), T.adaptive_grad_clip(0.1), T.add_noise(0.01),
                                    T.adaptive_clip_by_global_norm(), T.centralize(), T.zero_nans()],
                   gradient_accumulation_steps=2, global_step=step, update_ops=[lambda: None],
                   **mode_kwargs(mode))
@@ -35,4 +35,4 @@ def main(mode):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[2])

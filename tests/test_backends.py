@@ -34,6 +34,8 @@ T = kt.transforms
 ON_JAX = BACKEND == "jax"
 BATCH = 16  # 64 samples: 4 steps an epoch
 jax_only = pytest.mark.skipif(not ON_JAX, reason="what the JAX backend refuses or avoids")
+torch_only = pytest.mark.skipif(BACKEND != "torch", reason="what the PyTorch backend does its own way")
+not_tensorflow = pytest.mark.skipif(BACKEND == "tensorflow", reason="what other backends refuse")
 
 
 def state_of(model):
@@ -84,6 +86,54 @@ def test_transform_matches_numpy(case, dtype):
             continue
         assert keras.backend.standardize_dtype(g.dtype) == dtype
         np.testing.assert_allclose(keras.ops.convert_to_numpy(g).astype(np.float64), e, **TOLERANCE[dtype])
+
+
+NOISES = {
+    "add_noise": (lambda: T.add_noise(0.3, 0.55, seed=5), lambda t: np.sqrt(0.3 / (1.0 + t) ** 0.55)),
+    # The std of a standard normal truncated to [-2, 2] is 0.8796.
+    "add_scaled_noise": (lambda: T.add_scaled_noise(0.5, seed=5), lambda t: 0.5 * 0.8796256610342398),
+}
+
+
+@pytest.mark.parametrize("noise", sorted(NOISES))
+def test_noise_is_seeded_and_has_its_variance(noise):
+    """docs/transforms.md: a fresh draw each step, the same for the same seed, of the stated std."""
+    make, std = NOISES[noise]
+    variable = keras.Variable(np.zeros((100, 100), "float32"), name="kernel")
+    zeros = [(keras.ops.zeros((100, 100)), variable)]
+    transform, twin = make(), make()
+    draws = [keras.ops.convert_to_numpy(transform(zeros)[0][0]).astype(np.float64) for _ in range(3)]
+    again = keras.ops.convert_to_numpy(twin(zeros)[0][0])
+    assert np.array_equal(draws[0], again)
+    assert np.abs(draws[0] - draws[1]).min() >= 0 and not np.allclose(draws[0], draws[1])
+    for t, draw in enumerate(draws):
+        np.testing.assert_allclose(draw.std(), std(t), rtol=0.03)
+        assert abs(draw.mean()) < 4 * std(t) / 100
+    if noise == "add_scaled_noise":
+        assert np.abs(draws[0]).max() <= 2 * 0.5 * (1 + 1e-3)
+    assert int(keras.ops.convert_to_numpy(transform.step)) == 3
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("noise", sorted(NOISES))
+def test_noise_in_fit_is_the_transforms_own_draw(noise, mode):
+    """One SGD step with noise minus one without is -lr times the draw of step 0; skipped steps draw none."""
+    make, _ = NOISES[noise]
+    x, y = regression_data(BATCH)
+    transform = make()
+    noisy, quiet = mlp(kt.Model), mlp(kt.Model)
+    noisy.compile(keras.optimizers.SGD(0.1), "mse", grad_transforms=[transform], check_numerics="skip",
+                  **mode_kwargs(mode))
+    quiet.compile(keras.optimizers.SGD(0.1), "mse", **mode_kwargs(mode))
+    for model in (noisy, quiet):
+        model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
+    zeros = [(keras.ops.zeros(v.shape), v) for v in noisy.trainable_variables]
+    expected = [-0.1 * keras.ops.convert_to_numpy(g) for g, _ in make()(zeros)]
+    moved = [keras.ops.convert_to_numpy(a) - keras.ops.convert_to_numpy(b)
+             for a, b in zip(noisy.trainable_variables, quiet.trainable_variables)]
+    assert max_abs_diff(moved, expected) < 1e-6
+    noisy.fit(*nan_data(1), batch_size=BATCH, shuffle=False, verbose=0)  # 4 steps, 1 skipped
+    assert int(keras.ops.convert_to_numpy(transform.step)) == 4
 
 
 # -- transforms in fit ---------------------------------------------------------------
@@ -176,6 +226,52 @@ def test_a_frozen_layer_as_keras_freezes_it(how, mode):
     assert max_abs_diff(values(model), values(oracle)) < 1e-6
     initial = [keras.ops.convert_to_numpy(v) for v in mlp(keras.Model).get_layer("out").weights]
     assert max_abs_diff(values(model)[2:], initial) == 0.0
+
+
+class MinimizingMLP(kt.Model):
+    """A user's own `train_step` that keeps every option through `self.minimize` (README)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="tanh")
+        self.out = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+    def train_step(self, data):
+        x, y = data
+
+        def loss_fn():
+            y_pred = self(x, training=True)
+            return self.compute_loss(x, y, y_pred), y_pred
+
+        y_pred = self.minimize(loss_fn)
+        for metric in self.metrics:
+            if metric.name not in ("loss", "skipped_steps"):
+                metric.update_state(y, y_pred)
+        return {m.name: m.result() for m in self.metrics}
+
+
+@pytest.mark.skipif(ON_JAX, reason="JAX: a user train_step is stateless (docs/backends.md)")
+@pytest.mark.parametrize("mode", MODES)
+def test_a_users_train_step_keeps_the_options_through_minimize(mode):
+    """The same clip and skip as the built-in step: plain Keras's `global_clipnorm` without the bad batch."""
+    data = nan_data(2)
+    model = MinimizingMLP()
+    model.compile(keras.optimizers.SGD(0.1), "mse", grad_transforms=[T.clip_by_global_norm(0.05)],
+                  check_numerics="skip", **mode_kwargs(mode))
+    keras.utils.set_random_seed(0)
+    model(data[0][:1])
+    oracle = SubclassedMLP()
+    keras.utils.set_random_seed(0)
+    oracle(data[0][:1])
+    oracle.set_weights(model.get_weights())
+    oracle.compile(keras.optimizers.SGD(0.1, global_clipnorm=0.05), "mse", **mode_kwargs(mode))
+    history = model.fit(*data, batch_size=BATCH, epochs=2, shuffle=False, verbose=0).history
+    oracle.fit(*without(data, 2), batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    assert history["skipped_steps"] == [1.0, 1.0]
+    assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
 
 
 # -- check_numerics ------------------------------------------------------------------
@@ -527,13 +623,20 @@ def test_a_saved_model_keeps_its_options_and_resumes_exactly(mode, tmp_path):
     )
 
 
-OTHER_BACKEND = {"tensorflow": "jax", "jax": "tensorflow"}[BACKEND]
+def installed(backend):
+    import importlib.util
+
+    return backend == "tensorflow" or importlib.util.find_spec(backend) is not None
 
 
-def on_other_backend(action, path):
+# Each pair of backends is tested once, from the first backend's process.
+OTHER_BACKENDS = {"tensorflow": ["jax", "torch"], "jax": ["torch"], "torch": []}[BACKEND]
+
+
+def on_other_backend(backend, action, path):
     script = os.path.join(os.path.dirname(__file__), "cross_backend_script.py")
     env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "XLA_FLAGS")}
-    subprocess.run([sys.executable, script, OTHER_BACKEND, action, str(path)], check=True, timeout=300,
+    subprocess.run([sys.executable, script, backend, action, str(path)], check=True, timeout=300,
                    cwd=os.path.dirname(__file__), env=env, capture_output=True)
 
 
@@ -543,27 +646,29 @@ def resumed(path, backend):
 
 
 @pytest.mark.slow
-def test_a_model_saved_on_one_backend_resumes_on_the_other(tmp_path):
+@pytest.mark.parametrize("other", OTHER_BACKENDS)
+def test_a_model_saved_on_one_backend_resumes_on_the_other(other, tmp_path):
     """Keras's cross-backend promise, with the options and the step's own state."""
     from cross_backend_script import main
 
+    if not installed(other):
+        pytest.skip(f"{other} is not installed (README: the `{other}` extra)")
     theirs, ours = tmp_path / "theirs.keras", tmp_path / "ours.keras"
-    on_other_backend("save", theirs)
+    on_other_backend(other, "save", theirs)
     main("save", str(ours))
     for path in (theirs, ours):
         main("resume", str(path))
-        on_other_backend("resume", path)
-        here, there = resumed(path, BACKEND), resumed(path, OTHER_BACKEND)
+        on_other_backend(other, "resume", path)
+        here, there = resumed(path, BACKEND), resumed(path, other)
         # The skip counters went on from the file's: one skipped step an epoch.
         assert [int(c) for c in here[-2:]] == [int(c) for c in there[-2:]] == [2, 0]
         assert max_abs_diff(here, there) < 1e-5
 
 
-# -- the JAX backend -------------------------------------------------------------------
+# -- JAX and PyTorch ----------------------------------------------------------------
 
 
-
-@jax_only
+@not_tensorflow
 @pytest.mark.parametrize("option, value", [
     ("aggregation_method", 0),
     ("gate_gradients", kt.GATE_NONE),
@@ -571,15 +676,9 @@ def test_a_model_saved_on_one_backend_resumes_on_the_other(tmp_path):
 ])
 def test_tensorflow_only_options_are_refused_at_compile(option, value):
     model = mlp(kt.Model)
-    with pytest.raises(ValueError, match=f"`{option}` configures TensorFlow's graph gradients.*JAX"):
+    with pytest.raises(ValueError, match=f"`{option}` configures TensorFlow's graph gradients.*{BACKEND} backend"):
         model.compile("sgd", "mse", **{option: value})
     assert not hasattr(model, "train_options")  # nothing compiled
-
-
-@jax_only
-def test_noise_transforms_are_refused_at_compile():
-    with pytest.raises(ValueError, match="not available .*JAX backend"):
-        mlp(kt.Model).compile("sgd", "mse", grad_transforms=[T.chain(T.add_noise(0.1))])
 
 
 @jax_only
@@ -614,21 +713,21 @@ def test_minimize_says_it_is_the_tensorflow_step():
         model.minimize(lambda: 0.0)
 
 
-@jax_only
+@not_tensorflow
 @pytest.mark.parametrize("mode", MODES)
-def test_the_jax_step_runs_no_tensorflow(mode):
-    """TensorFlow would claim a GPU's memory next to JAX once it initialises its devices.
+def test_the_step_runs_no_tensorflow(mode):
+    """TensorFlow would claim a GPU's memory next to JAX or PyTorch once it initialises its devices.
 
     In a fresh process: other tests here write event files, with TensorFlow.
     """
     script = os.path.join(os.path.dirname(__file__), "no_tensorflow_script.py")
-    result = subprocess.run([sys.executable, script, mode], cwd=os.path.dirname(__file__), timeout=300,
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, script, BACKEND, mode], cwd=os.path.dirname(__file__),
+                            timeout=300, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-1] == "initialised=False"
 
 
-@jax_only
+@not_tensorflow
 def test_the_functional_api_says_it_needs_tensorflow():
     with pytest.raises(NotImplementedError, match="create_train_step.*TensorFlow backend"):
         kt.create_train_step(lambda: 0.0, keras.optimizers.SGD())
@@ -646,3 +745,23 @@ def test_the_private_jax_hooks_exist():
     assert callable(model._update_metrics_variables)
     assert callable(model.jax_state_sync)
     assert model._jax_state_synced is True
+
+
+# -- PyTorch -----------------------------------------------------------------------------
+
+
+@torch_only
+@pytest.mark.slow
+def test_jit_compile_on_torch_trains_as_eagerly():
+    """`jit_compile=True` is Keras's `torch.compile` of the step; the host reads break its graph, the numbers stay."""
+    data = nan_data(2)
+    histories, states = [], []
+    for jit in (False, True):
+        model = mlp(kt.Model, batchnorm=True)
+        model.compile("adam", "mse", check_numerics="skip", grad_transforms=[T.clip_by_global_norm(0.05)],
+                      jit_compile=jit)
+        histories.append(model.fit(*data, batch_size=BATCH, epochs=2, shuffle=False, verbose=0).history)
+        states.append(state_of(model))
+    assert histories[0]["skipped_steps"] == histories[1]["skipped_steps"] == [1.0, 1.0]
+    np.testing.assert_allclose(histories[1]["loss"], histories[0]["loss"], rtol=1e-5)
+    assert max_abs_diff(states[1], states[0]) < 1e-5

@@ -442,8 +442,9 @@ def _check_gradient(index, transform, grad, var):
             f"{_describe(var)}, a gradient that is not a tensor, tf.IndexedSlices "
             f"or None. Received: gradient={grad!r}"
         )
-    shape, dtype = tf.TensorShape(shape), tf.as_dtype(dtype)
-    var_shape, var_dtype = tf.TensorShape(var.shape), tf.as_dtype(var.dtype)
+    # (Keras's dtype names: a JAX or PyTorch dtype is not TensorFlow's.)
+    shape, dtype = tf.TensorShape(tuple(shape)), tf.as_dtype(keras.backend.standardize_dtype(dtype))
+    var_shape, var_dtype = tf.TensorShape(tuple(var.shape)), tf.as_dtype(keras.backend.standardize_dtype(var.dtype))
     if isinstance(grad, tf.IndexedSlices):  # rows of the variable
         fits = shape.rank is None or (
             shape.rank == var_shape.rank and shape[1:].is_compatible_with(var_shape[1:])

@@ -10,16 +10,23 @@ position of the pair in the list the transform receives.
 
 Noise is added to every element of the variable, so an IndexedSlices gradient
 becomes dense (as in TF1).
+
+On TensorFlow the draws are TensorFlow's stateless random ops. On JAX and
+PyTorch they are `keras.random`'s, from a seed made of `(seed, t, i)` the same
+way: reproducible and resumable on each backend, but a different stream on
+each (a resumed run draws the noise of its own backend).
 """
 
 import random
 
 import keras
 import tensorflow as tf
+from keras import ops
 
-from keras_trainop.transforms.base import PACKAGE, GradientTransform, check_number
+from keras_trainop.transforms.base import ON_TENSORFLOW, PACKAGE, GradientTransform, check_number
 
 _ALG = "philox"  # the same stream on every device
+_PAIRS = 1_000_003  # on JAX and PyTorch: the seed of step t, pair i is (seed, t * _PAIRS + i)
 
 
 def _check_seed(seed):
@@ -42,23 +49,37 @@ class _Noise(GradientTransform):
 
     def build(self, variables):
         self.step = self.add_state("noise_step", "int64")
+        if not ON_TENSORFLOW:
+            # keras.random draws from a SeedGenerator; its state is set for
+            # each draw (below), so it is not part of the transform's state.
+            self._generator = keras.random.SeedGenerator(0)
         super().build(variables)
 
     def update(self, grads_and_vars, state):
         (step,) = state
-        key = tf.random.experimental.stateless_fold_in(
-            tf.constant([0, self.seed], tf.int64), step, alg=_ALG
-        )
-        stddev = self.stddev(tf.cast(step, tf.float32))
+        stddev = self.stddev(ops.cast(step, "float32"))
         result = []
         for i, (grad, var) in enumerate(grads_and_vars):
             if grad is not None:
-                grad = tf.convert_to_tensor(grad)  # IndexedSlices: densified
-                seed = tf.random.experimental.stateless_fold_in(key, i, alg=_ALG)
-                noise = self.sample(var.shape, seed) * stddev
-                grad = grad + tf.cast(noise, grad.dtype)
+                grad = tf.convert_to_tensor(grad) if ON_TENSORFLOW else grad  # IndexedSlices: densified
+                noise = self._draw(var.shape, step, i) * stddev
+                grad = grad + ops.cast(noise, grad.dtype)
             result.append((grad, var))
         return result, [step + 1]
+
+    def _draw(self, shape, step, i):
+        """Standard noise of `shape` for pair `i` at step `step`, the same for the same `(seed, step, i)`."""
+        if ON_TENSORFLOW:
+            key = tf.random.experimental.stateless_fold_in(
+                tf.constant([0, self.seed], tf.int64), step, alg=_ALG
+            )
+            return self.tf_sample(shape, tf.random.experimental.stateless_fold_in(key, i, alg=_ALG))
+        generator = self._generator
+        dtype = generator.state.dtype
+        high = ops.cast((self.seed ^ (self.seed >> 32)) & 0x7FFFFFFF, dtype)
+        low = ops.cast(ops.cast(step, dtype) * _PAIRS + i, dtype)
+        with keras.StatelessScope(state_mapping=[(generator.state, ops.stack([high, low]))]):
+            return self.keras_sample(shape, generator)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -79,10 +100,13 @@ class AddScaledNoise(_Noise):
 
     def stddev(self, step):
         del step
-        return tf.constant(self.scale, tf.float32)
+        return ops.convert_to_tensor(self.scale, "float32")
 
-    def sample(self, shape, seed):
+    def tf_sample(self, shape, seed):
         return tf.random.stateless_truncated_normal(shape, seed, alg=_ALG)
+
+    def keras_sample(self, shape, generator):
+        return keras.random.truncated_normal(shape, seed=generator)
 
     def get_config(self):
         return {"scale": self.scale, "seed": self.seed}
@@ -108,10 +132,13 @@ class AddNoise(_Noise):
         super().__init__(seed)
 
     def stddev(self, step):
-        return tf.sqrt(self.eta / tf.pow(1.0 + step, self.gamma))
+        return ops.sqrt(self.eta / ops.power(1.0 + step, self.gamma))
 
-    def sample(self, shape, seed):
+    def tf_sample(self, shape, seed):
         return tf.random.stateless_normal(shape, seed, alg=_ALG)
+
+    def keras_sample(self, shape, generator):
+        return keras.random.normal(shape, seed=generator)
 
     def get_config(self):
         return {"eta": self.eta, "gamma": self.gamma, "seed": self.seed}

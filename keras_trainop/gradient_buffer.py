@@ -1,4 +1,4 @@
-"""Gradient statistics on the JAX backend: recorded inside the step, written by the host.
+"""Gradient statistics on the JAX and PyTorch backends: recorded by the step, written by the host.
 
 As on TensorFlow (`keras_trainop.telemetry`), an update that a reader wants
 (its number a multiple of the reader's `every`) has its statistics computed
@@ -45,7 +45,7 @@ def global_norm(grads):
     return ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads))
 
 
-class JaxBuffer:
+class GradientBuffer:
     """The ring buffer one configuration of readers records into.
 
     Records are made at multiples of `stride` (the greatest common divisor of
