@@ -63,15 +63,8 @@ class HostedTrainFunction:
         recording, function = self._pick(recorder)
         recorder.recording, recorder.buffer = recording, self.buffer
         try:
-            logs = self._run(function, iterator)
-        except (StopIteration, tf.errors.OutOfRangeError):
-            raise  # the end of the data: fit goes on
-        except BaseException:
-            # fit() does not call on_train_end when a step raises (a
-            # NonFiniteError, an interrupt): callbacks detach now, so that a
-            # later fit does not write into their log directories.
-            recorder.close_on_error()
-            raise
+            with recorder.closing_on_error(ends=(StopIteration, tf.errors.OutOfRangeError)):
+                logs = self._run(function, iterator)
         finally:
             recorder.recording = ()
         if recording:

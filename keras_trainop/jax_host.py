@@ -55,7 +55,7 @@ class HostedTrainFunction:
 
     def __call__(self, state, iterator):
         step = self.model.train_pipeline
-        try:
+        with step.recorder.closing_on_error():
             logs, state = self.function(state, iterator)
             failed = logs.pop(FAILED_STEP, None) if isinstance(logs, dict) else None
             if failed is not None:
@@ -64,13 +64,6 @@ class HostedTrainFunction:
                     # Write the state (as before the failed step, with its record) before raising.
                     private.jax_write_state(self.model, state)
                     raise step.error()
-        except (StopIteration, KeyboardInterrupt):
-            raise
-        except BaseException:
-            # fit() does not call on_train_end when a step raises: callbacks
-            # detach now, so that a later fit does not write into their logs.
-            step.recorder.close_on_error()
-            raise
         if step.buffer is not None:
             self.write_records(step, state)
         return logs, state

@@ -55,11 +55,17 @@ class JaxStep(BackendStep):
     `BackendStep`'s.
     """
 
-    def train_step(self, model, state, data):
-        """Keras's stateless `train_step(state, data)` with keras_trainop's options."""
+    def train_step(self, model, state, data, compute_loss_and_updates=None):
+        """Keras's stateless `train_step(state, data)` with keras_trainop's options.
+
+        `compute_loss_and_updates`: what is differentiated, with the signature
+        and return value of Keras's `model.compute_loss_and_updates` (the
+        default): `(loss, (unscaled_loss, y_pred, non_trainable_values,
+        metrics_values))`.
+        """
         trainable, non_trainable, optimizer_values, metrics_values = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        grad_fn = jax.value_and_grad(model.compute_loss_and_updates, has_aux=True)
+        grad_fn = jax.value_and_grad(compute_loss_and_updates or model.compute_loss_and_updates, has_aux=True)
         (_, aux), grads = grad_fn(
             trainable, non_trainable, metrics_values, x, y, sample_weight,
             training=True, optimizer_variables=optimizer_values,
@@ -250,6 +256,7 @@ class JaxStep(BackendStep):
             logs = model.get_metrics_result()
         values = [scope.get_current_value(v) for v in references]
         return [k if v is None else v for k, v in zip(kept, values)], logs
+
 
 class _Values:
     """The values a step starts from, and those its forward pass computed.

@@ -238,10 +238,10 @@ class TrainOpModel:
     def _selected_variables(self):
         return self.train_pipeline.variables(self.trainable_variables, owner=self._owner_name())
 
-    def minimize(self, loss_fn):
+    def minimize(self, *args, **kwargs):
         """Runs the whole keras_trainop step for a loss, inside a `train_step`.
 
-        For models that override `train_step`:
+        On TensorFlow and PyTorch, `minimize(loss_fn)` in a `train_step(data)`:
 
         ```python
         def train_step(self, data):
@@ -255,22 +255,31 @@ class TrainOpModel:
             ...
         ```
 
-        Args:
-            loss_fn: zero-argument callable returning the scalar loss, or a
-                pair `(loss, aux)`.
+        `loss_fn`: zero-argument callable returning the scalar loss, or a
+        pair `(loss, aux)`. Returns `aux` (None if `loss_fn` returned only
+        the loss).
 
-        Returns:
-            `aux` (None if `loss_fn` returned only the loss).
+        On JAX, whose `train_step(state, data)` is stateless,
+        `minimize(state, data, compute_loss_and_updates=None)` returns
+        `(logs, new_state)`, what the `train_step` returns:
+
+        ```python
+        def train_step(self, state, data):
+            x, y = data
+            return self.minimize(state, (augment(x), y))
+        ```
+
+        `compute_loss_and_updates`: what is differentiated, with the
+        signature and return value of Keras's own
+        `model.compute_loss_and_updates` (the default).
         """
         if ON_JAX:
-            raise NotImplementedError(
-                "`minimize` runs the TensorFlow step. On the JAX backend, customise "
-                "the loss by overriding `compute_loss(x, y, y_pred, sample_weight, "
-                "training)`, which keras_trainop's step calls, as Keras's does; a "
-                "`train_step(state, data)` of your own with keras_trainop's options is "
-                "not available in this version (docs/backends.md)."
-            )
-        return self._minimize(loss_fn)[0]
+            return self.train_pipeline.train_step(self, *args, **kwargs)
+
+        def minimize(loss_fn):  # (Python's own error for other arguments)
+            return self._minimize(loss_fn)[0]
+
+        return minimize(*args, **kwargs)
 
     def _minimize(self, loss_fn, on_kept=None):
         """`minimize`, also returning the 1.0 / 0.0 "skipped" flag of the step.

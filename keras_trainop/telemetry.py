@@ -20,6 +20,7 @@ pay: the host runs a plain trace for calls that cannot reach a record
 global norms of every step in the logs through two Keras metrics.
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -190,6 +191,22 @@ class GradientRecorder:
         for reader in list(self.readers.values()):
             if reader.on_error is not None:
                 reader.on_error()
+
+    @contextlib.contextmanager
+    def closing_on_error(self, ends=(StopIteration,)):
+        """Closes the readers if the call inside raises, but for the end of the data (`ends`).
+
+        fit() does not call on_train_end when a step raises (a
+        NonFiniteError, an interrupt): callbacks detach now, so that a later
+        fit does not write into their log directories.
+        """
+        try:
+            yield
+        except ends:
+            raise  # the end of the data: fit goes on
+        except BaseException:
+            self.close_on_error()
+            raise
 
     @property
     def reads_gradients(self):

@@ -10,9 +10,10 @@ keras_trainop's step on PyTorch has the stages of the other backends' steps:
    trained (None for a variable the loss does not read, as on TensorFlow);
 2. the check: one finiteness verdict for the step (the loss; with "all" and
    "skip" every gradient too), computed as values;
-3. the decision: the host reads the verdict, once per checked step (the one
-   host synchronisation a check adds on PyTorch; Keras's own
+3. the decision: the host reads whether the step passes, once per checked
+   step (the one host synchronisation a check adds on PyTorch; Keras's own
    `LossScaleOptimizer` reads its finiteness the same way, with `ops.cond`);
+   only a failed step computes its full verdict (the record, the counters);
 4. a blocked or skipped step puts back the statistics its forward pass wrote
    and writes only its record or its skip counters; a kept step runs the
    transforms on values and then writes once: the update ops, the
@@ -67,24 +68,41 @@ class TorchStep(BackendStep):
             self.prepare_recording(1)
         pairs = list(zip(self.gradients(loss, selected), selected))
         with torch.no_grad():
-            own_values = {id(v): v.value for v in self.riding_variables()}
             optimizer_values = [v.value for v in self.optimizer.variables]
-            verdict = self.check(loss, pairs, own_values, optimizer_values)
-            if verdict is not None:
+            if checking and not self.finite(loss, pairs):  # the one host read of a checked step
+                own_values = {id(v): v.value for v in self.riding_variables()}
+                verdict = self.check(loss, pairs, own_values, optimizer_values)
                 for variable, value in zip(self.counters, verdict["counters"]):
                     variable.assign(value)
-                if not bool(verdict["ok"]):  # the one host read of a checked step
-                    for variable, value in zip(forward_state, saved):
-                        variable.assign(value)
-                    if self.policy.skip and bool(verdict["skipped"]):
-                        return aux, 1.0
-                    for variable, value in zip(self.record, verdict["record"]):
-                        variable.assign(value)
-                    raise self.error()
+                for variable, value in zip(forward_state, saved):
+                    variable.assign(value)
+                if self.policy.skip and bool(verdict["skipped"]):
+                    return aux, 1.0
+                for variable, value in zip(self.record, verdict["record"]):
+                    variable.assign(value)
+                raise self.error()
+            if self.counters:  # a kept step ends a run of skipped ones
+                self.counters[1].assign(0)
             self.commit(self.unscale(pairs, optimizer_values), optimizer_values)
         if on_kept is not None:
             on_kept(aux)
         return aux, 0.0
+
+    def finite(self, loss, pairs):
+        """Whether the step passes its check: `check`'s verdict, read on the host, cheaply.
+
+        The loss, and with "all" and "skip" the sum of every gradient's sum:
+        finite exactly when every element is, unless a sum of finite values
+        overflows, which the exact per-gradient check then rules out (a
+        failure is rare; its record comes from `check`).
+        """
+        ok = bool(ops.all(ops.isfinite(loss)))
+        grads = [g for g, _ in pairs if g is not None]
+        if not (ok and self.policy.check_gradients and grads and not self.scaled):
+            return ok
+        if bool(ops.isfinite(ops.sum(ops.stack([ops.sum(ops.cast(g, "float32")) for g in grads])))):
+            return True
+        return all(bool(ops.all(ops.isfinite(g))) for g in grads)
 
     def gradients(self, loss, variables):
         """The gradients of the (loss-scaled) loss for `variables`; None where the loss does not read one."""
@@ -126,7 +144,7 @@ class TorchStep(BackendStep):
         for op in self.options.update_ops:
             op()
         iterations = self.optimizer.iterations
-        before = ops.copy(iterations.value)
+        before = ops.copy(iterations.value) if self.global_step or self.buffer is not None else None
         applied = [(g, v) for g, v in self.rescale(pairs, optimizer_values, finite) if g is not None]
         if applied:
             self.optimizer.apply([g for g, _ in applied], [v for _, v in applied])
@@ -166,15 +184,8 @@ class HostedTrainFunction:
 
     def __call__(self, data):
         step = self.model.train_pipeline
-        try:
+        with step.recorder.closing_on_error():
             logs = self.function(data)
-        except (StopIteration, KeyboardInterrupt):
-            raise
-        except BaseException:
-            # fit() does not call on_train_end when a step raises: callbacks
-            # detach now, so that a later fit does not write into their logs.
-            step.recorder.close_on_error()
-            raise
         if step.buffer is not None:
             step.write_records(lambda variable: variable.value)
         return logs

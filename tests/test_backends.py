@@ -705,12 +705,47 @@ def test_data_parallel_on_two_devices_equals_one_device(mode):
     assert max_abs_diff(weights, state_of(oracle)) < 1e-6
 
 
+class JaxMinimizingMLP(SubclassedMLP, kt.Model):
+    """A user's own stateless `train_step(state, data)` through JAX's `self.minimize` (docs/backends.md)."""
+
+    double_loss = False
+
+    def train_step(self, state, data):
+        x, y = data
+
+        def doubled(*args, **kwargs):
+            loss, (unscaled, *rest) = self.compute_loss_and_updates(*args, **kwargs)
+            return 2.0 * loss, (2.0 * unscaled, *rest)
+
+        return self.minimize(state, (x, 2.0 * y), doubled if self.double_loss else None)
+
+
+class DoubledLoss(SubclassedMLP):
+    def compute_loss(self, *args, **kwargs):
+        return 2.0 * super().compute_loss(*args, **kwargs)
+
+
 @jax_only
-def test_minimize_says_it_is_the_tensorflow_step():
-    model = mlp(kt.Model)
-    model.compile("sgd", "mse")
-    with pytest.raises(NotImplementedError, match="JAX backend, customise the loss by overriding `compute_loss"):
-        model.minimize(lambda: 0.0)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("double_loss", [False, True], ids=["keras_loss", "own_loss"])
+def test_a_users_stateless_train_step_keeps_the_options_through_minimize(double_loss, mode):
+    """Its data (y doubled) and its loss (doubled) are what the clip and the skip act on."""
+    data = nan_data(2)
+    model = JaxMinimizingMLP()
+    model.double_loss = double_loss
+    model.compile(keras.optimizers.SGD(0.1), "mse", grad_transforms=[T.clip_by_global_norm(0.05)],
+                  check_numerics="skip", **mode_kwargs(mode))
+    model(data[0][:1])
+    oracle = DoubledLoss() if double_loss else SubclassedMLP()
+    oracle(data[0][:1])
+    oracle.set_weights(model.get_weights())
+    oracle.compile(keras.optimizers.SGD(0.1, global_clipnorm=0.05), "mse", **mode_kwargs(mode))
+    history = model.fit(*data, batch_size=BATCH, epochs=2, shuffle=False, verbose=0).history
+    x, y = without(data, 2)
+    expected = oracle.fit(x, 2.0 * y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0).history
+    assert history["skipped_steps"] == [1.0, 1.0]
+    np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-5)  # the doubled loss, if own
+    assert max_abs_diff(state_of(model), state_of(oracle)) < 1e-6
 
 
 @not_tensorflow

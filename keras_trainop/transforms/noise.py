@@ -48,7 +48,8 @@ class _Noise(GradientTransform):
         self.step = None
 
     def build(self, variables):
-        self.step = self.add_state("noise_step", "int64")
+        # (JAX has no int64 without jax_enable_x64; the two load into each other.)
+        self.step = self.add_state("noise_step", "int64" if ON_TENSORFLOW else "int32")
         if not ON_TENSORFLOW:
             # keras.random draws from a SeedGenerator; its state is set for
             # each draw (below), so it is not part of the transform's state.
