@@ -11,7 +11,10 @@ position of the pair in the list the transform receives.
 Noise is added to every element of the variable, so an IndexedSlices gradient
 becomes dense (as in TF1).
 
-On TensorFlow the draws are TensorFlow's stateless random ops. On JAX and
+On TensorFlow the draws are Philox's bits from TensorFlow's stateless random
+ops, made normal by the inverse normal CDF (`tf.math.ndtri`): the same
+numbers eagerly, in a graph and under XLA (TensorFlow's own float draws
+differ under XLA). On JAX and
 PyTorch they are `keras.random`'s, from a seed made of `(seed, t, i)` the same
 way: reproducible and resumable on each backend, but a different stream on
 each (a resumed run draws the noise of its own backend).
@@ -27,6 +30,19 @@ from keras_trainop.transforms.base import ON_TENSORFLOW, PACKAGE, GradientTransf
 
 _ALG = "philox"  # the same stream on every device
 _PAIRS = 1_000_003  # on JAX and PyTorch: the seed of step t, pair i is (seed, t * _PAIRS + i)
+_BELOW_MINUS_2 = 0.022750131948179195  # P(Z < -2) for a standard normal Z
+
+
+def _tf_uniform(shape, seed):
+    """Uniform numbers in (0, 1), the same in every TensorFlow mode.
+
+    TensorFlow's stateless float draws turn Philox's bits into floats one
+    way in its kernels and another under XLA; its integer draws are the same
+    bits in both. The top 24 bits of each make an exact float32 in (0, 1).
+    """
+    bits = tf.random.stateless_uniform(shape, seed, minval=None, maxval=None, dtype=tf.uint32, alg=_ALG)
+    top = tf.bitwise.right_shift(bits, tf.constant(8, tf.uint32))
+    return (tf.cast(top, tf.float32) + 0.5) * 2.0**-24
 
 
 def _check_seed(seed):
@@ -88,7 +104,7 @@ class AddScaledNoise(_Noise):
     """Adds `scale * truncated_normal()` to every gradient element.
 
     TF1's `optimize_loss(gradient_noise_scale=scale)`: a truncated standard
-    normal (resampled beyond 2 standard deviations), times `scale`.
+    normal (no draw beyond 2 standard deviations), times `scale`.
 
     Args:
         scale: the noise scale, > 0.
@@ -104,7 +120,9 @@ class AddScaledNoise(_Noise):
         return ops.convert_to_tensor(self.scale, "float32")
 
     def tf_sample(self, shape, seed):
-        return tf.random.stateless_truncated_normal(shape, seed, alg=_ALG)
+        # The inverse CDF of the normal over [-2, 2]: truncated exactly, without resampling.
+        below = _BELOW_MINUS_2
+        return tf.math.ndtri(below + _tf_uniform(shape, seed) * (1.0 - 2.0 * below))
 
     def keras_sample(self, shape, generator):
         return keras.random.truncated_normal(shape, seed=generator)
@@ -136,7 +154,7 @@ class AddNoise(_Noise):
         return ops.sqrt(self.eta / ops.power(1.0 + step, self.gamma))
 
     def tf_sample(self, shape, seed):
-        return tf.random.stateless_normal(shape, seed, alg=_ALG)
+        return tf.math.ndtri(_tf_uniform(shape, seed))
 
     def keras_sample(self, shape, generator):
         return keras.random.normal(shape, seed=generator)
