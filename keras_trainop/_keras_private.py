@@ -325,3 +325,29 @@ def tensorflow_devices_initialized():
     from tensorflow.python.eager import context
 
     return context.context()._context_handle is not None
+
+
+def portable_optimizer_config(config):
+    """A serialized optimizer (`{"module", "class_name", "config", ...}`) that loads on every backend.
+
+    On PyTorch, `keras.optimizers.Adam()` is an instance of a backend class
+    (`keras.src.backend.torch.optimizers.torch_adam.Adam`, and the same for
+    SGD, AdamW, ...), and Keras 3.15 saves that class's module in the file:
+    loaded on TensorFlow or JAX, the file makes a PyTorch optimizer, which
+    fails at its first update. The class names are the public ones, so a
+    backend module is replaced by `keras.optimizers`, in nested optimizers
+    (`inner_optimizer` of a `LossScaleOptimizer`) too. Anything else is
+    returned unchanged.
+    """
+    import keras
+
+    if isinstance(config, list):
+        return [portable_optimizer_config(c) for c in config]
+    if not isinstance(config, dict):
+        return config
+    config = {k: portable_optimizer_config(v) for k, v in config.items()}
+    module, name = config.get("module"), config.get("class_name")
+    if (isinstance(module, str) and module.startswith("keras.src.backend.") and ".optimizers" in module
+            and isinstance(getattr(keras.optimizers, str(name), None), type)):
+        config["module"] = "keras.optimizers"
+    return config

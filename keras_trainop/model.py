@@ -410,6 +410,8 @@ class TrainOpModel:
 
     def get_compile_config(self):
         config = super().get_compile_config()
+        if config and "optimizer" in config:
+            config["optimizer"] = private.portable_optimizer_config(config["optimizer"])
         if config and hasattr(self, "train_options"):
             config.update(
                 serialization.serialize_options(self.train_options, self.trainable_variables)
@@ -418,6 +420,8 @@ class TrainOpModel:
 
     def compile_from_config(self, config):
         config = dict(config)
+        if "optimizer" in config:  # a file saved on PyTorch, by keras_trainop or not
+            config["optimizer"] = private.portable_optimizer_config(config["optimizer"])
         options = serialization.deserialize_options(config, self.trainable_variables)
         config = keras.saving.deserialize_keras_object(config)
         # compile() builds the optimizer of a built model over the variables it

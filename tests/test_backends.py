@@ -800,3 +800,22 @@ def test_jit_compile_on_torch_trains_as_eagerly():
     assert histories[0]["skipped_steps"] == histories[1]["skipped_steps"] == [1.0, 1.0]
     np.testing.assert_allclose(histories[1]["loss"], histories[0]["loss"], rtol=1e-5)
     assert max_abs_diff(states[1], states[0]) < 1e-5
+
+
+@torch_only
+@pytest.mark.parametrize("optimizer", [
+    lambda: keras.optimizers.Adam(),
+    lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()),
+], ids=["adam", "loss_scaled_sgd"])
+def test_a_saved_optimizer_names_kerass_public_class(optimizer):
+    """Keras 3.15 on PyTorch saves its backend class's module (the reason for the private hook); kt saves the public one."""
+    plain = keras.saving.serialize_keras_object(optimizer())
+    modules = lambda config: [config["module"]] + (  # noqa: E731
+        modules(config["config"]["inner_optimizer"]) if "inner_optimizer" in config["config"] else [])
+    assert any(m.startswith("keras.src.backend.torch.optimizers") for m in modules(plain))
+    model = mlp(kt.Model)
+    model.compile(optimizer(), "mse")
+    saved = model.get_compile_config()["optimizer"]
+    assert all(m in ("keras.optimizers", "keras.src.optimizers.loss_scale_optimizer") for m in modules(saved))
+    loaded = keras.saving.deserialize_keras_object(saved)
+    assert type(loaded).__name__ == type(model.optimizer).__name__
