@@ -13,12 +13,13 @@ step on JAX is that function, with the stages of the TensorFlow step:
    "skip" every gradient too);
 3. the transforms, in a stateless scope where the variables and the
    transforms' own state read as this step's values;
-4. the commit: one conditional (`ops.switch`) over keep, and apply (with
-   accumulation: add, or update from the mean): the optimizer's update, the
-   transforms' new state, the gradient sums and the global step, or the state
-   as it was; the forward pass's statistics and the metrics (with the skip
-   policy) are selected by the same verdict. A blocked or skipped step
-   returns the state it got, so it changes nothing by construction.
+4. the commit: one conditional of two branches: keep the state as it was,
+   or apply (with accumulation: add, where a blocked or skipped step adds
+   nothing, or update from the mean): the optimizer's update, the
+   transforms' new state, the gradient sums and the global step; the forward
+   pass's statistics and the metrics (with the skip policy) are selected by
+   the same verdict. A blocked or skipped step returns the state it got, so
+   it changes nothing by construction.
 
 keras_trainop's own state (the failure record, the transforms' state, the
 gradient sums, the skip counters, a global step variable) rides in the
@@ -84,16 +85,11 @@ class JaxStep(BackendStep):
         pairs = [(grads[values.position[id(v)]], v) for v in selected]
 
         verdict = self.check(loss, pairs, own, optimizer_values)
-        branches, choice = self.commit(values, self.unscale(pairs, optimizer_values), own)
-        if verdict is not None:
-            # A blocked or skipped step: the state as it was, the forward pass's too.
-            unchanged = (trainable, optimizer_values, non_trainable,
-                         [own[id(v)] for v in self._committed()], _nothing_observed())
-            branches = [lambda: unchanged] + branches
-            choice = ops.where(verdict["ok"], 1 + (0 if choice is None else choice), 0)
-        # One decision: a single conditional, however many branches.
+        ok = None if verdict is None else verdict["ok"]
+        branches, choice = self.commit(values, self.unscale(pairs, optimizer_values), own, ok, non_trainable)
+        # One decision: a single conditional, or none.
         trainable, optimizer_values, non_trainable, committed, observed = (
-            branches[0]() if choice is None else ops.switch(ops.cast(choice, "int32"), branches)
+            branches[0]() if choice is None else ops.cond(choice, branches[1], branches[0])
         )
 
         before = metrics_values[:split]
@@ -117,15 +113,21 @@ class JaxStep(BackendStep):
         """The state the commit writes: the transforms', the sums, the global step, the records."""
         return self.transform_variables() + self.sums + self.count + self.global_step + self._buffer_variables()
 
-    def commit(self, values, pairs, own):
-        """The kept step's branches (zero-argument functions) and which one runs (None: the only one).
+    def commit(self, values, pairs, own, ok, non_trainable):
+        """The step's two branches (zero-argument functions), and which one runs (None: the first, alone).
 
         Each branch returns `(trainable, optimizer, non-trainable, committed,
-        observed)` values: `committed` in the order of `_committed()`, `observed` the
-        global norms before and after the transforms and 1.0 for an update
-        (zeros for a step that only accumulates). Without accumulation every
-        kept step updates; with it the k-th adds its gradients and updates from
-        the mean, the others only add theirs. A kept step keeps what its
+        observed)` values: `committed` in the order of `_committed()`,
+        `observed` the global norms before and after the transforms and 1.0
+        for an update (zeros for a step that does not update).
+
+        `ok`: the verdict (None without a check). Without accumulation the
+        branches are "as it was" (a blocked or skipped step: the state it got,
+        the forward pass's too) and "update". With accumulation they are
+        "add" and "update from the mean" (the k-th kept step); a blocked or
+        skipped step takes "add" with nothing to add, so that one conditional
+        of two branches decides every step (a third branch cost the MLP of
+        `benchmarks/bench_backend.py` 15%). A kept step keeps what its
         forward pass computed (BatchNormalization statistics); an update also
         runs the update ops.
         """
@@ -153,11 +155,19 @@ class JaxStep(BackendStep):
             return trainable, optimizer_values, forward, [new[id(v)] for v in self._committed()], observed["norms"]
 
         if not self.sums:
-            return [lambda: update(pairs, [])], None
+            if ok is None:
+                return [lambda: update(pairs, [])], None
+            unchanged = (values.trainable, values.optimizer, non_trainable, [old[id(v)] for v in self._committed()],
+                         _nothing_observed())
+            return [lambda: unchanged, lambda: update(pairs, [])], ok
         k = self.options.gradient_accumulation_steps
         sums = [old[id(v)] for v in self.sums]
         (count,) = (old[id(v)] for v in self.count)
-        totals = [s + ops.cast(g, s.dtype) for s, (g, _) in zip(sums, pairs)]
+        kept = True if ok is None else ok
+        # (A select, not a product: a blocked step's gradients may be inf or nan.)
+        added = [g if ok is None else ops.where(ok, g, ops.zeros_like(g)) for g, _ in pairs]
+        totals = [s + ops.cast(g, s.dtype) for s, g in zip(sums, added)]
+        forward = values.forward if ok is None else [ops.where(ok, a, b) for a, b in zip(values.forward, non_trainable)]
 
         def mean():
             averaged = [(t / k, v) for t, (_, v) in zip(totals, pairs)]
@@ -165,11 +175,11 @@ class JaxStep(BackendStep):
 
         def add():
             new = dict(old)
-            new.update(zip(map(id, self.sums + self.count), totals + [count + 1]))
-            return (values.trainable, values.optimizer, values.forward, [new[id(v)] for v in self._committed()],
+            new.update(zip(map(id, self.sums + self.count), totals + [count + ops.cast(kept, count.dtype)]))
+            return (values.trainable, values.optimizer, forward, [new[id(v)] for v in self._committed()],
                     _nothing_observed())
 
-        return [add, mean], ops.where(count + 1 >= k, 1, 0)
+        return [add, mean], ops.logical_and(kept, count + 1 >= k)
 
     def observe(self, raw, pairs, values, new, finite):
         """This update's statistics: `{"norms": [before, after, 1.0], "buffer": new values}`.
