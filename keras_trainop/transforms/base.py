@@ -443,6 +443,9 @@ def _check_gradient(index, transform, grad, var):
             f"or None. Received: gradient={grad!r}"
         )
     # (Keras's dtype names: a JAX or PyTorch dtype is not TensorFlow's.)
+    dtype_name, var_dtype_name = keras.backend.standardize_dtype(dtype), keras.backend.standardize_dtype(var.dtype)
+    if not is_sparse(grad) and tuple(shape) == tuple(var.shape) and dtype_name == var_dtype_name:
+        return  # the common case, cheaply: on PyTorch this runs at every step
     shape, dtype = tf.TensorShape(tuple(shape)), tf.as_dtype(keras.backend.standardize_dtype(dtype))
     var_shape, var_dtype = tf.TensorShape(tuple(var.shape)), tf.as_dtype(keras.backend.standardize_dtype(var.dtype))
     if isinstance(grad, tf.IndexedSlices):  # rows of the variable
