@@ -379,6 +379,9 @@ def unit_norms(x, dtype):
 
 
 def agc_max_norm(p, clipping, eps):
+    # eps as TF computes with it: in float32 (float64 for float64), where a
+    # value below the smallest normal number is 0 (2.2e-311 was drawn).
+    eps = 0.0 if eps < TINY["float64" if p.dtype == "float64" else "float32"] else eps
     return np.maximum(unit_norms(p.weight, p.dtype), eps) * clipping
 
 
