@@ -244,6 +244,9 @@ def scale(grad, factor):
 
     def multiply(g):
         dtype = compute_dtype(g.dtype)
+        if dtype == keras.backend.standardize_dtype(getattr(factor, "dtype", None) or "int8"):
+            if dtype == keras.backend.standardize_dtype(g.dtype):
+                return g * factor  # no cast (on PyTorch each op costs microseconds a gradient)
         return ops.cast(ops.cast(g, dtype) * cast(factor, dtype), g.dtype)
 
     return map_values(multiply, grad)
@@ -262,7 +265,10 @@ def global_norm(grads):
     wide = any(keras.backend.standardize_dtype(v.dtype) == "float64" for v in values)
     dtype = "float64" if wide else "float32"
     if not ON_TENSORFLOW:
-        return ops.sqrt(sum(ops.sum(ops.square(ops.cast(v, dtype))) for v in values))
+        # (No cast where none is needed, and a Python sum: on PyTorch each op
+        # costs microseconds a gradient, more than the arithmetic of a small one.)
+        same = [keras.backend.standardize_dtype(v.dtype) == dtype for v in values]
+        return ops.sqrt(sum(ops.sum(ops.square(v if s else ops.cast(v, dtype))) for v, s in zip(values, same)))
     halves = [tf.nn.l2_loss(tf.cast(v, dtype)) for v in values]
     return tf.sqrt(2.0 * tf.reduce_sum(tf.stack(halves)))
 
