@@ -296,7 +296,7 @@ class TrainOpModel:
         aux, skipped = self.train_pipeline.run(
             forward,
             candidates=lambda: self._selected_variables(),
-            state_variables=self.non_trainable_weights,
+            state_variables=lambda: self.non_trainable_weights,
             on_kept=on_kept,
         )
         # A model built by its first step has just built its transforms too.

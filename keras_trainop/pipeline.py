@@ -153,8 +153,8 @@ class StepPipeline:
                 after `forward`, which may build a model lazily); None means
                 the trainable variables `forward` reads.
             state_variables: non-trainable variables that `forward` may change
-                (e.g. BatchNormalization statistics); put back if the step's
-                check fails.
+                (e.g. BatchNormalization statistics), or a zero-argument
+                callable returning them; put back if the step's check fails.
             on_kept: with the skip policy, a callable of `aux` run only by a
                 step that is not skipped (the model's metrics), or None.
 
@@ -163,6 +163,8 @@ class StepPipeline:
             1.0 if the step was skipped (`SkipNonFinite`), else 0.0.
         """
         own = {id(v) for v in self.state_variables()}  # never changed by a failed step
+        if callable(state_variables):
+            state_variables = state_variables()
         forward_state = [v for v in state_variables if id(v) not in own] if self.failures else []
         saved = [tf.identity(tf.convert_to_tensor(v)) for v in forward_state]
         with tf.GradientTape() as tape:

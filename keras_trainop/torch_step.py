@@ -54,25 +54,33 @@ class TorchStep(BackendStep):
                 variables `variables_to_train=None` selects (called after
                 `forward`, which may build the model).
             state_variables: the variables the forward pass may write
-                (BatchNormalization's statistics): put back if the step is
-                not applied.
+                (BatchNormalization's statistics), or a zero-argument
+                callable returning them: put back if the step is not applied.
             on_kept: with the skip policy, a callable of `aux` run only by a
                 step that is not skipped (the model's metrics), or None.
+
+        The step runs eagerly, every time: what it can, it looks up once
+        (the selected variables) or only where it is needed (the optimizer's
+        values under a loss-scale optimizer or for a failed check).
         """
         checking = self.policy.enabled
-        own = {id(v) for v in self.riding_variables()}
-        forward_state = [v for v in state_variables if id(v) not in own] if checking else []
+        forward_state = []
+        if checking:
+            own = {id(v) for v in self.riding_variables()}
+            listed = state_variables() if callable(state_variables) else state_variables
+            forward_state = [v for v in listed if id(v) not in own]
         saved = [ops.copy(v.value) for v in forward_state]
         loss, aux = forward()
-        selected = self.variables(candidates())
+        selected = self.selected if self.built else self.variables(candidates())
         if not self.built:  # a model built by its first step
             self.build_transforms(selected)
             self.prepare_recording(1)
         pairs = list(zip(self.gradients(loss, selected), selected))
         with torch.no_grad():
-            optimizer_values = [v.value for v in self.optimizer.variables]
+            optimizer_values = [v.value for v in self.optimizer.variables] if self.scaled else None
             if checking and not self.finite(loss, pairs):  # the one host read of a checked step
                 own_values = {id(v): v.value for v in self.riding_variables()}
+                optimizer_values = [v.value for v in self.optimizer.variables]
                 verdict = self.check(loss, pairs, own_values, optimizer_values)
                 for variable, value in zip(self.counters, verdict["counters"]):
                     variable.assign(value)
@@ -124,15 +132,17 @@ class TorchStep(BackendStep):
         if self.sums:
             k = self.options.gradient_accumulation_steps
             (count,) = self.count
-            totals = [s.value if g is None else s.value + ops.cast(g, s.dtype) for s, (g, _) in zip(self.sums, pairs)]
             if int(count.value) + 1 < k:
-                for variable, value in zip(self.sums, totals):
-                    variable.assign(value)
+                # In place, as Keras's own `assign` writes on PyTorch: one op a gradient.
+                for total, (g, _) in zip(self.sums, pairs):
+                    if g is not None:
+                        total.value.add_(g.to(total.value.dtype))
                 count.assign(count.value + 1)
                 return
-            pairs = [(t / k, v) for t, (_, v) in zip(totals, pairs)]
-            for variable in self.sums:
-                variable.assign(ops.zeros_like(variable.value))
+            pairs = [((s.value if g is None else s.value + g.to(s.value.dtype)) / k, v)
+                     for s, (g, v) in zip(self.sums, pairs)]
+            for total in self.sums:
+                total.value.zero_()
             count.assign(0)
         self.update(pairs, optimizer_values)
 

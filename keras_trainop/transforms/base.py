@@ -7,6 +7,7 @@ with that contract work wherever a transform does.
 """
 
 import contextlib
+import functools
 import math
 import numbers
 import re
@@ -199,9 +200,16 @@ def run_transforms(transforms, grads_and_vars):
 # -- gradients ----------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def dtype_name(dtype):
+    """Keras's name of a dtype of any backend (`standardize_dtype`), remembered:
+    off TensorFlow the transforms run every step, several times a gradient."""
+    return keras.backend.standardize_dtype(dtype)
+
+
 def compute_dtype(dtype):
     """float32 for half-precision gradients (no overflow in sums of squares), as a dtype name."""
-    name = keras.backend.standardize_dtype(dtype)
+    name = dtype_name(dtype)
     return "float32" if name in ("float16", "bfloat16") else name
 
 
@@ -244,9 +252,8 @@ def scale(grad, factor):
 
     def multiply(g):
         dtype = compute_dtype(g.dtype)
-        if dtype == keras.backend.standardize_dtype(getattr(factor, "dtype", None) or "int8"):
-            if dtype == keras.backend.standardize_dtype(g.dtype):
-                return g * factor  # no cast (on PyTorch each op costs microseconds a gradient)
+        if g.dtype == getattr(factor, "dtype", None) and dtype == dtype_name(g.dtype):
+            return g * factor  # no cast (on PyTorch each op costs microseconds a gradient)
         return ops.cast(ops.cast(g, dtype) * cast(factor, dtype), g.dtype)
 
     return map_values(multiply, grad)
@@ -262,12 +269,12 @@ def global_norm(grads):
     float rounding.
     """
     values = [values_of(g) for g in grads if g is not None]
-    wide = any(keras.backend.standardize_dtype(v.dtype) == "float64" for v in values)
+    wide = any(dtype_name(v.dtype) == "float64" for v in values)
     dtype = "float64" if wide else "float32"
     if not ON_TENSORFLOW:
         # (No cast where none is needed, and a Python sum: on PyTorch each op
         # costs microseconds a gradient, more than the arithmetic of a small one.)
-        same = [keras.backend.standardize_dtype(v.dtype) == dtype for v in values]
+        same = [dtype_name(v.dtype) == dtype for v in values]
         return ops.sqrt(sum(ops.sum(ops.square(v if s else ops.cast(v, dtype))) for v, s in zip(values, same)))
     halves = [tf.nn.l2_loss(tf.cast(v, dtype)) for v in values]
     return tf.sqrt(2.0 * tf.reduce_sum(tf.stack(halves)))
@@ -449,8 +456,7 @@ def _check_gradient(index, transform, grad, var):
             f"or None. Received: gradient={grad!r}"
         )
     # (Keras's dtype names: a JAX or PyTorch dtype is not TensorFlow's.)
-    dtype_name, var_dtype_name = keras.backend.standardize_dtype(dtype), keras.backend.standardize_dtype(var.dtype)
-    if not is_sparse(grad) and tuple(shape) == tuple(var.shape) and dtype_name == var_dtype_name:
+    if not is_sparse(grad) and tuple(shape) == tuple(var.shape) and dtype_name(dtype) == dtype_name(var.dtype):
         return  # the common case, cheaply: on PyTorch this runs at every step
     shape, dtype = tf.TensorShape(tuple(shape)), tf.as_dtype(keras.backend.standardize_dtype(dtype))
     var_shape, var_dtype = tf.TensorShape(tuple(var.shape)), tf.as_dtype(keras.backend.standardize_dtype(var.dtype))
