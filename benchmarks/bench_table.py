@@ -24,7 +24,6 @@ then turns XLA on by itself) instead of each row's own setting.
 import argparse
 import os
 import statistics
-import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -33,7 +32,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_trainop as kt  # noqa: E402
-from models import network  # noqa: E402
+from models import commit, network  # noqa: E402
 from bench_overhead import BatchTimer  # noqa: E402
 
 BATCH = 128
@@ -77,6 +76,7 @@ VARIANTS = {
     "plain": (False, adam, dict, False),
     "plain_cond": (CondStep, adam, dict, False),
     "plain_clip_jit": (False, lambda: adam(global_clipnorm=CLIP), dict, True),
+    "plain_cond_clip_jit": (CondStep, lambda: adam(global_clipnorm=CLIP), dict, True),
     "plain_accumulate": (False, lambda: adam(gradient_accumulation_steps=4), dict, False),
     "plain_clip": (False, lambda: adam(global_clipnorm=CLIP), dict, False),
     "plain_jit": (False, adam, dict, True),
@@ -109,6 +109,8 @@ FLOORS = [
     ("plain Keras, Adam(global_clipnorm) jit vs plain Keras jit", "plain_clip_jit", "plain_jit"),
     ("clip_by_global_norm, check_numerics=False, jit vs Adam(global_clipnorm) jit",
      "kt_clip_unchecked_jit", "plain_clip_jit"),
+    ("plain Keras, Adam(global_clipnorm), its update in a tf.cond, jit vs plain Keras jit",
+     "plain_cond_clip_jit", "plain_jit"),
 ]
 
 
@@ -123,14 +125,6 @@ def build(model_name, variant, jit_auto):
         **options(),
     )
     return model
-
-
-def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main():

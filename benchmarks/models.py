@@ -1,4 +1,7 @@
-"""The two networks every speed table times: the MLP and "deep", a hundred small layers."""
+"""What every speed table shares: the two networks it times (the MLP and "deep", a
+hundred small layers), and the commit it names."""
+
+import subprocess
 
 import keras
 
@@ -19,3 +22,12 @@ def network(model_name, cls):
         for _ in range(99):
             h = keras.layers.Dense(32, activation="relu")(h)
     return cls(inputs, keras.layers.Dense(10)(h))
+
+
+def commit():
+    """The short hash of the checked-out commit, or "unknown"."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

@@ -1,8 +1,10 @@
-"""keras_trainop on Keras's JAX backend against plain Keras on JAX: the JAX table of docs/performance.md.
+"""keras_trainop on Keras's JAX or PyTorch backend against plain Keras on the same backend.
 
-The rows of `bench_table.py` that JAX has, on the same two models (the MLP
+The JAX and PyTorch tables of docs/performance.md: the rows of
+`bench_table.py` that these backends have, on the same two models (the MLP
 784-256-256-10 and "deep", `Dense(32)` x 100), Adam, batch 128, synthetic
-data, `jit_compile=True` (Keras's default on JAX).
+data, with Keras's default compilation on each backend (JAX:
+`jit_compile=True`; PyTorch: eager).
 
 Method. JAX dispatches steps asynchronously, so a step's time is not the
 time between two callbacks: a copy's figure is the time of one `fit` epoch of
@@ -14,10 +16,15 @@ figure over its peer's, from the same run.
 
 Last, the same script on the TensorFlow backend (a subprocess, after this
 one: not interleaved) times keras_trainop with its default options under
-`jit_compile=True`, for the "JAX vs TensorFlow" row.
+`jit_compile=True`, for the "vs TensorFlow" row.
 
 Usage:
-    python benchmarks/bench_jax.py [--rounds 10] [--steps 40] [--copies 2] [--models mlp,deep]
+    python benchmarks/bench_backend.py --backend jax|torch [--rounds 8] [--steps 100] [--copies 2]
+        [--models mlp,deep]
+
+(About 4 minutes on JAX and 9 on PyTorch on the project's 2-core machine.)
+An epoch of 100 steps: with fewer, the fixed cost of a `fit` call (its data
+adapter and callbacks) is a visible part of each figure.
 """
 
 import argparse
@@ -27,15 +34,16 @@ import subprocess
 import sys
 import time
 
-if __name__ == "__main__" and "--tensorflow" not in sys.argv:
-    os.environ["KERAS_BACKEND"] = "jax"
+if __name__ == "__main__":
+    _backend = sys.argv[sys.argv.index("--backend") + 1] if "--backend" in sys.argv else "jax"
+    os.environ["KERAS_BACKEND"] = "tensorflow" if "--tensorflow" in sys.argv else _backend
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_trainop as kt  # noqa: E402
-from models import network  # noqa: E402
+from models import commit, network  # noqa: E402
 
 BATCH = 128
 CLIP = 1.0
@@ -45,7 +53,7 @@ def adam(**kwargs):
     return keras.optimizers.Adam(1e-3, **kwargs)
 
 
-class CondStep(keras.Model):
+class JaxCondStep(keras.Model):
     """Plain Keras on JAX whose update runs in an `ops.cond` on the loss's finiteness (no other check)."""
 
     def train_step(self, state, data):
@@ -65,6 +73,27 @@ class CondStep(keras.Model):
             keras.ops.isfinite(loss), apply, lambda: (trainable, optimizer_values))
         logs, metrics_values = self._update_metrics_variables(metrics_values, unscaled, x, y, y_pred, None)
         return logs, (trainable, non_trainable, optimizer_values, metrics_values)
+
+
+class TorchCondStep(keras.Model):
+    """Plain Keras on PyTorch that reads the loss's finiteness on the host before it updates (no other check)."""
+
+    def train_step(self, data):
+        import torch
+
+        x, y = data
+        y_pred = self(x, training=True)
+        loss = self.compute_loss(x, y, y_pred)
+        self._loss_tracker.update_state(loss, sample_weight=keras.ops.shape(x)[0])  # as Keras's step
+        variables = self.trainable_variables
+        grads = torch.autograd.grad(loss, [v.value for v in variables])
+        if bool(keras.ops.isfinite(loss)):
+            with torch.no_grad():
+                self.optimizer.apply(grads, variables)
+        return self.compute_metrics(x, y, y_pred)
+
+
+CondStep = {"jax": JaxCondStep, "torch": TorchCondStep}.get(keras.backend.backend())
 
 
 # name -> (model class: keras_trainop's (True), plain Keras (False) or a class; optimizer
@@ -93,7 +122,8 @@ ROWS = [
 # What a part of a feature costs (no target).
 FLOORS = [
     ("check_numerics=False vs plain keras.Model", "kt_unchecked", "plain"),
-    ("plain Keras, its update in an ops.cond vs plain Keras", "plain_cond", "plain"),
+    ("plain Keras, its update after a check of the loss (JAX: in an ops.cond; PyTorch: read on the host) "
+     "vs plain Keras", "plain_cond", "plain"),
 ]
 
 
@@ -104,7 +134,7 @@ def build(model_name, variant):
     model.compile(
         optimizer=optimizer(),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=True,
+        jit_compile=keras.backend.backend() != "torch",  # each backend's default
         **options(),
     )
     return model
@@ -137,18 +167,11 @@ def measure(model_names, variants, rounds, steps, copies):
     }
 
 
-def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--backend", choices=["jax", "torch"], default="jax")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--copies", type=int, default=2)
     parser.add_argument("--models", default="mlp,deep")
     parser.add_argument("--tensorflow", action="store_true",
@@ -162,7 +185,7 @@ def main():
     variants = [v for v in VARIANTS if any(v in row[1:3] for row in ROWS + FLOORS)]
     figures = measure(model_names, variants, args.rounds, args.steps, args.copies)
     tensorflow = subprocess.run(
-        [sys.executable, __file__, "--tensorflow", "--rounds", str(args.rounds), "--steps",
+        [sys.executable, __file__, "--tensorflow", "--backend", args.backend, "--rounds", str(args.rounds), "--steps",
          str(args.steps), "--copies", str(args.copies), "--models", args.models],
         env=dict(os.environ, KERAS_BACKEND="tensorflow"), capture_output=True, text=True, check=True,
     ).stdout.split()
@@ -178,7 +201,8 @@ def main():
         cells = " | ".join(f"{figures[(m, feature)] / figures[(m, peer)]:.3f}" for m in model_names)
         print(f"| (part) {what} | {cells} | - |")
     cells = " | ".join(f"{figures[(m, 'kt_default')] / float(t):.3f}" for m, t in zip(model_names, tensorflow))
-    print(f"| keras_trainop default, JAX vs TensorFlow (both jit_compile=True; not interleaved) | {cells} | - |")
+    print(f"| keras_trainop default, {keras.backend.backend()} vs TensorFlow (TensorFlow jit_compile=True; "
+          f"not interleaved) | {cells} | - |")
     print()
     print("ms per step:", ", ".join(f"{m}/{v} {figures[(m, v)] * 1e3:.2f}" for m in model_names for v in variants),
           ", ".join(f"{m}/kt_default on tensorflow {float(t) * 1e3:.2f}" for m, t in zip(model_names, tensorflow)))
