@@ -88,9 +88,7 @@ class HostedTrainFunction:
         while the device works costs about 20 us on a CPU, and the newest
         flag carries every earlier failure.
         """
-        for _ in range(len(self.pending)):
-            if not (_is_ready(self.pending[0]) or wait):
-                break
+        while self.pending and (wait or _is_ready(self.pending[0])):
             self.newest = self.pending.popleft()
             self.unread += 1
             wait = False
